@@ -1,0 +1,85 @@
+"""Batches for training: a grain loader for any source, and a device-resident loader for small sets.
+
+Both are indexed by step rather than replayed, so a run resumed at step s sees exactly the batches
+an uninterrupted run sees from step s on.
+"""
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def grain_batches(source, *, global_batch_size, seed, shuffle=True, num_epochs=None, transform=None,
+                  start_step=0, process_index=None, process_count=None):
+  """Iterator of this process's numpy batch dicts, from step `start_step` on.
+
+  The example stream is `source` shuffled anew each epoch (deterministic per seed), repeated
+  `num_epochs` times (None: forever) and cut into global batches of `global_batch_size`; a batch may
+  span two epochs. Process p gets the p-th contiguous block of global_batch_size // process_count
+  examples of every global batch, so the processes' batches at a step, concatenated in process
+  order, are the global batch a one-process run sees at that step. `transform` maps one example
+  dict (numpy) before batching; it runs in reader threads, so it must be deterministic and
+  thread-safe. Process index/count default to jax.process_index() / jax.process_count().
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  batch_size = _per_process_batch_size(global_batch_size, process_count)
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(_grain_seed(seed))
+  ds = ds.repeat(num_epochs)
+  if transform is not None:
+    ds = ds.map(transform)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  global_steps = len(ds) // process_count
+  ds = ds[process_index:global_steps * process_count:process_count]
+  return iter(ds[start_step:].to_iter_dataset(_read_options()))
+
+
+def _per_process_batch_size(global_batch_size, process_count):
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}')
+  return global_batch_size // process_count
+
+
+def _grain_seed(seed):
+  """A well-mixed 32-bit shuffle seed: grain shuffles epoch e with seed + e, so nearby seeds would
+  otherwise share permutations shifted by an epoch (seed 1 epoch 0 == seed 0 epoch 1)."""
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+def _read_options():
+  """Reader threads bounded by the CPUs, and a prefetch of a few batches per thread."""
+  threads = min(8, os.cpu_count() or 1)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+
+def device_batch(arrays, key, step, batch_size):
+  """Batch number `step` of a split held on device: a pure, jittable function of (key, step).
+
+  Epoch e = step // (n // batch_size) visits the examples in the order
+  jax.random.permutation(fold_in(key, e), n), dropping the last n % batch_size; `step` may be traced.
+  `arrays` is a pytree of arrays sharing the leading axis n; returns the same pytree of batches.
+  """
+  n = jax.tree.leaves(arrays)[0].shape[0]
+  steps_per_epoch = n // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={batch_size} is larger than the {n} examples')
+  epoch, index = jnp.divmod(step, steps_per_epoch)
+  order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+  chosen = lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+  return jax.tree.map(lambda a: jnp.take(a, chosen, axis=0), arrays)
+
+
+def put_on_device(arrays, sharding=None):
+  """Numpy arrays -> device arrays; with a sharding, replicated over its devices (any device can
+  then gather any example, which device_batch needs)."""
+  if sharding is not None and not sharding.is_fully_replicated:
+    sharding = NamedSharding(sharding.mesh, PartitionSpec())
+  return jax.device_put(arrays, sharding)
