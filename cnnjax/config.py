@@ -1,0 +1,77 @@
+"""Presets, validation and hashing of experiment configs.
+
+Every experiment config is an `ml_collections.ConfigDict` made by
+`experiments/configs/<topic>.py:get_config(preset)`. Validation runs before any
+compute and raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+import hashlib
+import json
+
+import jax
+import ml_collections
+
+from cnnjax.errors import ConfigError
+
+PRESETS = ('smoke', 'default', 'paper')
+
+# Keys that change where or how a run is logged, not what it computes: left out of the hash.
+UNHASHED_KEYS = ('workdir', 'wandb', 'progress', 'side_by_side')
+
+
+def preset_name(preset):
+  """The preset named by `--config=FILE:preset` ('' means default)."""
+  preset = preset or 'default'
+  if preset not in PRESETS:
+    raise ConfigError('preset', preset, list(PRESETS), 'select one as --config=FILE:PRESET')
+  return preset
+
+
+def lookup(config, key):
+  """The value at a dotted key."""
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  return value
+
+
+def check_choice(config, key, choices):
+  value = lookup(config, key)
+  values = value if isinstance(value, (list, tuple)) else [value]
+  for v in values:
+    if v not in choices:
+      raise ConfigError(key, v, sorted(choices))
+
+
+def check_positive(config, key, allow_zero=False):
+  value = lookup(config, key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(key, value, 'a number')
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(key, value, 'a number >= 0' if allow_zero else 'a number > 0')
+
+
+def check_type(config, key, kind):
+  value = lookup(config, key)
+  if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+    raise ConfigError(key, value, f'a value of type {kind.__name__}')
+
+
+def check_divisible(config, key, divisor, why):
+  value = lookup(config, key)
+  if value % divisor:
+    raise ConfigError(key, value, f'a multiple of {divisor} ({why})')
+
+
+def check_batch_fits_devices(config, key='batch_size'):
+  """A global batch must split evenly over every device of the data mesh."""
+  check_divisible(config, key, jax.device_count(), f'{jax.device_count()} devices share each batch')
+
+
+def config_hash(config):
+  """A short stable hash of everything that changes what a run computes."""
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for key in UNHASHED_KEYS:
+    values.pop(key, None)
+  text = json.dumps(values, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]

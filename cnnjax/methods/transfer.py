@@ -1,0 +1,51 @@
+"""Transfer-learning optimizers: partial fine-tuning by parameter path, and L2-SP.
+
+Freezing goes through an optax partition (`optax.multi_transform` with zero
+updates for frozen parameters), so a frozen backbone keeps its pretrained values
+bit for bit. L2-SP (Li, Grandvalet & Davoine 2018, "Explicit Inductive Bias for
+Transfer Learning with Convolutional Networks") pulls the backbone toward its
+starting point w0: Omega(w) = alpha/2 ||w_S - w0_S||^2 + beta/2 ||w_head||^2.
+"""
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+
+def path_str(path):
+  """'backbone/stages/0/conv/kernel' for a pytree key path of an nnx.State."""
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def startswith_any(path, prefixes):
+  return any(path == p or path.startswith(p + '/') or p == '' for p in prefixes)
+
+
+def partial_finetune(tx, trainable_prefixes):
+  """`tx` on parameters under `trainable_prefixes`; every other parameter stays frozen."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'train' if startswith_any(path_str(path), trainable_prefixes) else 'frozen', params)
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+class L2SPState(NamedTuple):
+  anchor: optax.Params  # w0: the parameters at the start of fine-tuning
+
+
+def l2sp(alpha, beta, head_prefix='head'):
+  """Adds the gradient of the L2-SP penalty; chain it before the optimizer.
+
+  Parameters under `head_prefix` are new (no pretrained value): plain weight decay beta.
+  """
+
+  def init(params):
+    return L2SPState(anchor=params)
+
+  def update(grads, state, params):
+    def pull(path, g, w, w0):
+      return g + (beta * w if startswith_any(path_str(path), (head_prefix,)) else alpha * (w - w0))
+    return jax.tree_util.tree_map_with_path(pull, grads, params, state.anchor), state
+
+  return optax.GradientTransformation(init, update)

@@ -1,0 +1,1 @@
+"""Training: state, pure steps, the fit loop, sharding and checkpoints."""

@@ -1,0 +1,84 @@
+"""Pure train and eval steps built from a loss function, chunked and run over members.
+
+A loss function has the signature `loss_fn(model, batch, rng) -> (loss, metrics)`;
+the model arrives merged and in training mode. Steps are pure functions of
+`(state, batch)`; `chunk` unrolls k of them in one program, which XLA:CPU runs
+about 2x faster than a Python loop of jitted steps and about 10x faster than a
+rolled `lax.scan` around weight-gradient convolutions. `over_members` runs several
+seeds (or ensemble members) of one table cell in one program.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+MEMBER_MODES = ('auto', 'vmap', 'unroll', 'sequential')
+
+
+def make_train_step(graphdef, tx, loss_fn):
+  """`step(state, batch) -> (state, metrics)`: one optimizer update."""
+
+  def step(state, batch):
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    model.train()
+    rng = jax.random.fold_in(state.key('dropout'), state.step)
+    objective = lambda model: loss_fn(model, batch, rng)
+    (loss, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                         opt_state=opt_state), metrics
+
+  return step
+
+
+def make_chunk(step, batch_fn, k):
+  """`chunk(state, source) -> (state, metrics)`: k steps unrolled in one program.
+
+  `batch_fn(source, state)` gives the batch of the state's step (for example a
+  device-resident sample); metrics come back stacked along a leading axis of k.
+  """
+
+  def chunk(state, source):
+    history = []
+    for _ in range(k):
+      state, metrics = step(state, batch_fn(source, state))
+      history.append(metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+
+  return chunk
+
+
+def member_mode(mode):
+  """The side-by-side path: 'auto' unrolls members on CPU, where vmapped convolutions
+  become slow grouped convolutions, and vmaps them on GPU/TPU."""
+  if mode != 'auto':
+    return mode
+  return 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+
+
+def over_members(fn, mode, donate=True, shared_source=False):
+  """Run `fn(state, source)` for every member of a stacked state.
+
+  `source` is stacked per member too, unless `shared_source` (one source for all).
+  'vmap' and 'unroll' compile all members into one program; 'sequential' calls one
+  compiled member program per member. All three give the same numbers.
+  """
+  mode = member_mode(mode)
+  if mode not in MEMBER_MODES[1:]:
+    raise ValueError(f'unknown member mode {mode!r}; allowed: {MEMBER_MODES}')
+  donate_argnums = (0,) if donate else ()
+  if mode == 'vmap':
+    return jax.jit(jax.vmap(fn, in_axes=(0, None if shared_source else 0)), donate_argnums=donate_argnums)
+  member_fn = jax.jit(fn, donate_argnums=donate_argnums) if mode == 'sequential' else fn
+
+  def each_member(states, source):
+    members = jax.tree.leaves(states)[0].shape[0]
+    pick = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
+    outs = [member_fn(pick(states, m), source if shared_source else pick(source, m)) for m in range(members)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  return each_member if mode == 'sequential' else jax.jit(each_member, donate_argnums=donate_argnums)
