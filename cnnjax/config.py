@@ -75,3 +75,36 @@ def config_hash(config):
     values.pop(key, None)
   text = json.dumps(values, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def base_config(experiment, preset):
+  """Keys every experiment shares: where runs and tables go, seeds, the step loop, logging."""
+  config = ml_collections.ConfigDict()
+  config.experiment = experiment
+  config.preset = preset_name(preset)
+  config.seeds = 3
+  config.workdir = 'workdir'              # per-cell runs, checkpoints, DONE markers
+  config.results_dir = 'results'          # tables, provenance and figures
+  config.data_dir = ''                    # TFDS data dir ('' = $CNNJAX_DATA_DIR or TFDS's default)
+  config.chunk_steps = 5                  # unrolled steps per compiled call (rolled loops are slow on CPU)
+  config.eval_every = 0                   # steps between evaluations (0 = at the end only)
+  config.checkpoint_every = 100           # steps between checkpoints (and at the end)
+  config.side_by_side = 'auto'            # seeds in one program: auto | vmap | unroll | sequential
+  config.compile_cache = '~/.cache/cnnjax/jax'  # persistent XLA compile cache ('' = off)
+  config.progress = True
+  config.wandb = ml_collections.ConfigDict({'project': 'cnnjax', 'mode': 'auto'})
+  return config
+
+
+def validate_base(config):
+  """Checks of the shared keys; experiments add their own."""
+  from cnnjax.train.steps import MEMBER_MODES
+  check_type(config, 'seeds', int)
+  check_positive(config, 'seeds')
+  check_choice(config, 'preset', PRESETS)
+  check_positive(config, 'chunk_steps')
+  for key in ('eval_every', 'checkpoint_every'):
+    check_positive(config, key, allow_zero=True)
+    check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')
+  check_choice(config, 'side_by_side', MEMBER_MODES)
+  check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))

@@ -11,6 +11,9 @@ from typing import NamedTuple
 
 import jax
 import optax
+from flax import nnx
+
+from cnnjax.registry import Registry
 
 
 def path_str(path):
@@ -49,3 +52,29 @@ def l2sp(alpha, beta, head_prefix='head'):
     return jax.tree_util.tree_map_with_path(pull, grads, params, state.anchor), state
 
   return optax.GradientTransformation(init, update)
+
+
+class Recipe(NamedTuple):
+  """How a transfer method starts and what it trains."""
+  pretrained: bool   # start from the source model's backbone (else a fresh initialisation)
+  trains: str        # 'all' | 'last_stage' | 'head' (see cnnjax.models.trainable_paths)
+  l2sp: bool = False
+
+
+TRANSFER_METHODS = Registry('transfer method')
+TRANSFER_METHODS.register('scratch')(Recipe(pretrained=False, trains='all'))
+TRANSFER_METHODS.register('linear_probe')(Recipe(pretrained=True, trains='head'))
+TRANSFER_METHODS.register('finetune_last')(Recipe(pretrained=True, trains='last_stage'))
+TRANSFER_METHODS.register('finetune')(Recipe(pretrained=True, trains='all'))
+TRANSFER_METHODS.register('l2sp')(Recipe(pretrained=True, trains='all', l2sp=True))
+
+
+def with_frozen_norms(loss_fn, trainable_prefixes):
+  """`loss_fn` with the batch norms of frozen parts in inference mode, so a frozen backbone
+  keeps its source statistics too (as a linear probe of a fixed feature extractor should)."""
+  def frozen_loss(model, batch, rng):
+    for path, module in nnx.iter_modules(model):
+      if isinstance(module, nnx.BatchNorm) and not startswith_any('/'.join(map(str, path)), trainable_prefixes):
+        module.use_running_average = True
+    return loss_fn(model, batch, rng)
+  return frozen_loss

@@ -8,7 +8,7 @@ conv 3x3/32 -> pool -> conv 3x3/64 -> pool -> dense 128 -> head.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import MODELS, Classifier, check_images
+from cnnjax.models.registry import MODELS, Classifier, check_images, max_pool2
 
 
 class ConvStage(nnx.Module):
@@ -19,7 +19,7 @@ class ConvStage(nnx.Module):
     self.norm = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return nnx.max_pool(nnx.relu(self.norm(self.conv(x))), (2, 2), (2, 2))
+    return max_pool2(nnx.relu(self.norm(self.conv(x))))
 
 
 class DenseStage(nnx.Module):

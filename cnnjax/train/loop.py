@@ -18,7 +18,7 @@ class NonFiniteError(FloatingPointError):
 
   def __init__(self, step, member, metrics):
     self.step, self.member = step, member
-    super().__init__(f'non-finite loss or gradient at step {step} (member {member}): {metrics}; '
+    super().__init__(f'non-finite loss or update at step {step} (member {member}): {metrics}; '
                      'lower the learning rate or check the inputs')
 
 
@@ -51,7 +51,7 @@ def make_evaluate(graphdef, metrics_fn, batch_size, mode):
 
 def check_finite(metrics, step):
   losses = np.asarray(metrics['loss'])
-  norms = np.asarray(metrics.get('grad_norm', losses))
+  norms = np.asarray(metrics.get('update_norm', losses))
   bad = ~(np.isfinite(losses) & np.isfinite(norms))
   if bad.any():
     member, offset = map(int, np.argwhere(bad)[0])

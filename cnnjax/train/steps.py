@@ -28,7 +28,8 @@ def make_train_step(graphdef, tx, loss_fn):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     _, _, model_state = nnx.split(model, nnx.Param, ...)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    # The norm of the updates, not of all gradients: gradients of frozen parameters stay dead code.
+    metrics = dict(metrics, loss=loss, update_norm=optax.global_norm(updates))
     return state.replace(step=state.step + 1, params=params, model_state=model_state,
                          opt_state=opt_state), metrics
 

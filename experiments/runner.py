@@ -1,0 +1,139 @@
+"""The experiment runner: a grid of cells, each run once and resumed when unfinished, then a table.
+
+A cell is one table cell (a row such as a method, a column such as a setting) with all
+its seeds. Its directory `<workdir>/<experiment>/<preset>/<row>--<column>--<hash>` holds
+config.json, one run directory per seed (metrics.jsonl, W&B), checkpoints/, result.json
+and, once finished, DONE. Rerunning skips cells with DONE and resumes the others from
+their last checkpoint (DomainBed-style sweeps).
+"""
+
+import dataclasses
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from cnnjax import config as cfg
+from cnnjax import tables, tracking
+from cnnjax.train import loop
+from cnnjax.train.checkpoint import Checkpoints
+
+RESULT_FILE, DONE_FILE = 'result.json', 'DONE'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One table cell: `config` (JSON-able, seeds included) defines what it computes."""
+  row: str
+  column: str
+  config: dict = dataclasses.field(hash=False, compare=False)
+
+  @property
+  def hash(self):
+    return cfg.config_hash(self.config)
+
+  @property
+  def dirname(self):
+    slug = lambda text: re.sub(r'[^A-Za-z0-9_.-]+', '_', text).strip('_')
+    return f'{slug(self.row)}--{slug(self.column)}--{self.hash}'
+
+
+class Experiment:
+  """Everything a topic module needs to run its grid: config, mesh, directories, trackers."""
+
+  def __init__(self, name, config, mesh):
+    self.name, self.config, self.mesh = name, config, mesh
+    self.preset = config.preset
+    self.root = Path(config.workdir) / name / config.preset
+    self.results_dir = Path(config.results_dir) / name / config.preset
+    self.started = time.time()
+
+  def run_grid(self, cells, run_cell):
+    """{cell: result} for every cell; `run_cell(cell, cell_dir) -> result (JSON-able dict)`."""
+    results = {}
+    for i, cell in enumerate(cells):
+      cell_dir = self.root / cell.dirname
+      if (cell_dir / DONE_FILE).exists():
+        results[cell] = json.loads((cell_dir / RESULT_FILE).read_text())
+        logging.info('[%d/%d] %s | %s: done, skipped', i + 1, len(cells), cell.row, cell.column)
+        continue
+      print(f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}', flush=True)
+      tracking.write_atomic(cell_dir / 'config.json', json.dumps(cell.config, indent=2, default=str))
+      try:
+        result = run_cell(cell, cell_dir)
+      except loop.NonFiniteError as error:
+        result = {'failed': str(error)}
+        print(f'  failed: {error}', flush=True)
+      tracking.write_atomic(cell_dir / RESULT_FILE, json.dumps(result, indent=2, default=tracking.to_plain))
+      tracking.write_atomic(cell_dir / DONE_FILE, '')
+      results[cell] = result
+    return results
+
+  def trackers(self, cell, cell_dir, seeds, resume_step):
+    """One Tracker per seed under `<cell_dir>/seed_<s>`, W&B run named method-seed."""
+    wandb = self.config.wandb
+    options = None if wandb.mode == 'disabled' else dict(
+        project=wandb.project, mode=wandb.mode, group=self.name, job_type=cell.row,
+        config=dict(cell.config, preset=self.preset, column=cell.column))
+    return [tracking.Tracker(cell_dir / f'seed_{s}', resume_step=resume_step,
+                             wandb=options and dict(options, name=f'{cell.row}-{s}'))
+            for s in seeds]
+
+  def train(self, cell, cell_dir, states, source, *, chunk_fn, total_steps, evaluate=None,
+            desc=None):
+    """Train a cell's stacked seed states, resuming from its last checkpoint; returns
+    (states, final eval metrics per seed)."""
+    config = self.config
+    with Checkpoints(cell_dir / 'checkpoints') as checkpoints:
+      restored = checkpoints.restore(states)
+      states = states if restored is None else restored
+      step = int(np.asarray(states.step).reshape(-1)[0])
+      trackers = self.trackers(cell, cell_dir, cell.config['seeds'], resume_step=step)
+      try:
+        return loop.fit(states, source, chunk_fn=chunk_fn, total_steps=total_steps,
+                        chunk_steps=config.chunk_steps, evaluate=evaluate, eval_every=config.eval_every,
+                        checkpoints=checkpoints, checkpoint_every=config.checkpoint_every,
+                        trackers=trackers, progress=config.progress,
+                        desc=desc or f'{cell.row} | {cell.column}')
+      finally:
+        for tracker in trackers:
+          tracker.close()
+
+  def write_table(self, table, curves=None, **extra):
+    """The table, its provenance and (optionally) a learning-curve figure under results/."""
+    if jax.process_index() != 0:
+      return
+    command = 'python -m experiments.' + self.name + ' ' + shlex.join(sys.argv[1:])
+    record = tables.provenance(command, cfg.config_hash(self.config),
+                               wall_time_s=round(time.time() - self.started, 1), **extra)
+    table.write(self.results_dir, record)
+    if curves:
+      tables.plot_curves(curves['runs'], self.results_dir / 'learning_curves.png',
+                         ylabel=curves['ylabel'], title=curves['title'])
+    tables.write_index(self.results_dir.parent.parent)
+    print(f'wrote {self.results_dir}/table.md')
+
+
+def curves_from(cell_dirs, seeds, metric):
+  """Learning curves of `metric` from the metrics.jsonl of every seed of each labelled cell."""
+  runs = {}
+  for label, cell_dir in cell_dirs.items():
+    runs[label] = [[(r['step'], r[metric]) for r in tracking.read_metrics(Path(cell_dir) / f'seed_{s}')
+                    if metric in r] for s in seeds]
+  return runs
+
+
+def setup(config):
+  """Process-wide set-up before any compute: compile cache and the data mesh."""
+  from cnnjax.train import sharding
+  if config.compile_cache:
+    jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return sharding.make_mesh()
