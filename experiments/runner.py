@@ -9,6 +9,7 @@ their last checkpoint (DomainBed-style sweeps).
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import sys
@@ -61,7 +62,7 @@ class Experiment:
       cell_dir = self.root / cell.dirname
       if (cell_dir / DONE_FILE).exists():
         results[cell] = json.loads((cell_dir / RESULT_FILE).read_text())
-        logging.info('[%d/%d] %s | %s: done, skipped', i + 1, len(cells), cell.row, cell.column)
+        print(f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}: done, skipped', flush=True)
         continue
       print(f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}', flush=True)
       tracking.write_atomic(cell_dir / 'config.json', json.dumps(cell.config, indent=2, default=str))
@@ -132,6 +133,8 @@ def curves_from(cell_dirs, seeds, metric):
 def setup(config):
   """Process-wide set-up before any compute: compile cache and the data mesh."""
   from cnnjax.train import sharding
+  logging.set_verbosity(logging.WARNING)  # orbax and TFDS narrate every step at INFO
+  os.environ.setdefault('WANDB_SILENT', 'true')
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -58,9 +58,12 @@ def load_split(config, name, split):
 
 
 def labelled_subset(split, per_class, seed):
-  """`per_class` examples of every class, drawn by `seed` (all of them when per_class is 0)."""
+  """`per_class` examples of every class, drawn by `seed` (all of them when per_class is 0),
+  as {'arrays': the chosen examples first, zero-padded to the split's size, 'count': how many}:
+  subsets of every size share one shape, and so one compiled program."""
+  size = len(split['label'])
   if per_class == 0:
-    return split
+    return {'arrays': split, 'count': np.int32(size)}
   rng = np.random.default_rng(seed)
   chosen = []
   for label in np.unique(split['label']):
@@ -69,7 +72,8 @@ def labelled_subset(split, per_class, seed):
       raise DataError(f'class {label} has {len(pool)} training examples, fewer than {per_class} labels per class')
     chosen.append(rng.choice(pool, per_class, replace=False))
   index = np.sort(np.concatenate(chosen))
-  return {k: v[index] for k, v in split.items()}
+  pad = lambda v: np.concatenate([v[index], np.zeros((size - len(index),) + v.shape[1:], v.dtype)])
+  return {'arrays': {k: pad(v) for k, v in split.items()}, 'count': np.int32(len(index))}
 
 
 class Programs:
@@ -78,8 +82,8 @@ class Programs:
   def __init__(self, exp, model, tx, loss_fn, batch_size):
     graphdef = train_state.split_model(model)[0]
     mesh, mode = exp.mesh, exp.config.side_by_side
-    batch_fn = lambda split, state: sharding.shard_batch(
-        data.device_batch(split, state.key('data'), state.step, batch_size), mesh)
+    batch_fn = lambda split, state: sharding.shard_batch(data.device_batch(
+        split['arrays'], state.key('data'), state.step, batch_size, split['count']), mesh)
     step = steps.make_train_step(graphdef, tx, loss_fn)
     self.chunk = steps.over_members(steps.make_chunk(step, batch_fn, exp.config.chunk_steps), mode)
     self.evaluate = loop.make_evaluate(graphdef, metrics.classification, exp.config.eval_batch_size, mode)
@@ -131,7 +135,8 @@ class Transfer:
     c = self.config.pretrain
     model, tx, states = self.pretrain_states()
     programs = Programs(self.exp, model, tx, cross_entropy, c.batch_size)
-    train = sharding.replicate(train_state.stack([self.source['train']] * len(self.seeds)), self.exp.mesh)
+    whole = {'arrays': self.source['train'], 'count': np.int32(len(self.source['train']['label']))}
+    train = sharding.replicate(train_state.stack([whole] * len(self.seeds)), self.exp.mesh)
     test = sharding.replicate(self.source['test'], self.exp.mesh)
     _, results = self.exp.train(cell, cell_dir, states, train, chunk_fn=programs.chunk, total_steps=c.steps,
                                 evaluate=lambda s: programs.evaluate(s, test))
@@ -169,7 +174,7 @@ class Transfer:
       tx = optax.chain(l2sp(self.config.l2sp.alpha, self.config.l2sp.beta), tx)
     tx = partial_finetune(tx, trainable)
     subsets = [labelled_subset(splits['train'], cc['labels_per_class'], s) for s in self.seeds]
-    batch_size = device_batch_size(c.batch_size, len(subsets[0]['label']))
+    batch_size = device_batch_size(c.batch_size, int(subsets[0]['count']))
     programs = Programs(self.exp, target_models[0], tx, with_frozen_norms(cross_entropy, trainable), batch_size)
     train = sharding.replicate(train_state.stack(subsets), self.exp.mesh)
     test = sharding.replicate(splits['test'], self.exp.mesh)

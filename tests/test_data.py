@@ -308,3 +308,13 @@ def test_to_float_normalize_resize():
   assert transforms.resize(f, (16, 12)).shape == (4, 16, 12, 3)
   flat = jnp.full((1, 8, 8, 1), 7, jnp.uint8)
   np.testing.assert_array_equal(transforms.resize(flat, 28), 7)
+
+
+def test_device_batch_with_count_uses_only_the_first_count_examples():
+  arrays = {'id': jnp.arange(20)}
+  key = jax.random.key(3)
+  jitted = jax.jit(data.device_batch, static_argnums=3)
+  epoch = np.concatenate([jitted(arrays, key, s, 2, jnp.int32(6))['id'] for s in range(3)])
+  assert sorted(epoch.tolist()) == list(range(6))
+  next_epoch = np.concatenate([jitted(arrays, key, s, 2, jnp.int32(6))['id'] for s in range(3, 6)])
+  assert sorted(next_epoch.tolist()) == list(range(6)) and not np.array_equal(epoch, next_epoch)

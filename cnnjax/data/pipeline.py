@@ -60,19 +60,25 @@ def _read_options():
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
-def device_batch(arrays, key, step, batch_size):
+def device_batch(arrays, key, step, batch_size, count=None):
   """Batch number `step` of a split held on device: a pure, jittable function of (key, step).
 
   Epoch e = step // (n // batch_size) visits the examples in the order
   jax.random.permutation(fold_in(key, e), n), dropping the last n % batch_size; `step` may be traced.
-  `arrays` is a pytree of arrays sharing the leading axis n; returns the same pytree of batches.
+  `arrays` is a pytree of arrays sharing the leading axis; returns the same pytree of batches.
+  With `count` (may be traced) only the first `count` examples are used: splits of different
+  sizes padded to one shape then share one compiled program.
   """
-  n = jax.tree.leaves(arrays)[0].shape[0]
-  steps_per_epoch = n // batch_size
-  if steps_per_epoch == 0:
+  size = jax.tree.leaves(arrays)[0].shape[0]
+  n = size if count is None else count
+  if isinstance(n, int) and n < batch_size:
     raise ValueError(f'batch_size={batch_size} is larger than the {n} examples')
-  epoch, index = jnp.divmod(step, steps_per_epoch)
-  order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+  epoch, index = jnp.divmod(step, n // batch_size)
+  epoch_key = jax.random.fold_in(key, epoch)
+  if count is None:
+    order = jax.random.permutation(epoch_key, size)
+  else:  # a random order of the valid examples first, padding last
+    order = jnp.argsort(jnp.where(jnp.arange(size) < count, jax.random.uniform(epoch_key, (size,)), 2.0))
   chosen = lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
   return jax.tree.map(lambda a: jnp.take(a, chosen, axis=0), arrays)
 
