@@ -54,11 +54,14 @@ def make_chunk(step, batch_fn, k):
 
 
 def member_mode(mode):
-  """The side-by-side path: 'auto' unrolls members on CPU, where vmapped convolutions
-  become slow grouped convolutions, and vmaps them on GPU/TPU."""
+  """The side-by-side path for 'auto': vmap on GPU/TPU, where one small model leaves the chip
+  idle; sequential calls of one compiled member on CPU, where vmapped convolutions become slow
+  grouped convolutions and unrolling M members costs about M times the compile time for at most
+  a 1.2x faster step (digit CNN, 3 seeds, batch 32: unrolled 27 s compile and 93 ms per step,
+  sequential 9 s and 76 ms, vmapped 10 s and 206 ms; jaxlib 0.10.2, 2 CPU cores)."""
   if mode != 'auto':
     return mode
-  return 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+  return 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
 
 
 def over_members(fn, mode, donate=True, shared_source=False):
