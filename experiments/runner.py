@@ -130,11 +130,13 @@ def curves_from(cell_dirs, seeds, metric):
   return runs
 
 
-def setup(config):
-  """Process-wide set-up before any compute: compile cache and the data mesh."""
+def setup(config, validate):
+  """Process-wide set-up: quiet logs, validate the config (before any compute), the persistent
+  compile cache; returns the data mesh."""
   from cnnjax.train import sharding
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS narrate every step at INFO
   os.environ.setdefault('WANDB_SILENT', 'true')
+  validate(config)
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -25,12 +25,23 @@ def startswith_any(path, prefixes):
   return any(path == p or path.startswith(p + '/') or p == '' for p in prefixes)
 
 
-def partial_finetune(tx, trainable_prefixes):
-  """`tx` on parameters under `trainable_prefixes`; every other parameter stays frozen."""
+def partition(transforms, label_of):
+  """One optax transform per group of parameters: `label_of(path)` names the group of a
+  parameter path ('backbone/stages/0/conv/kernel'); a group's `transforms[label]` updates it."""
   def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: 'train' if startswith_any(path_str(path), trainable_prefixes) else 'frozen', params)
-  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+    return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_str(path)), params)
+  return optax.multi_transform(transforms, labels)
+
+
+def finetune_optimizer(make_tx, learning_rate, trainable_prefixes, backbone_scale=1.0, head_prefix='head'):
+  """`make_tx(lr)` on the trainable parameters, with the learning rate scaled by `backbone_scale`
+  outside the new head; every other parameter frozen (zero updates, so it keeps its value bit for bit)."""
+  def label_of(path):
+    if not startswith_any(path, trainable_prefixes):
+      return 'frozen'
+    return 'head' if startswith_any(path, (head_prefix,)) else 'backbone'
+  return partition({'head': make_tx(learning_rate), 'backbone': make_tx(learning_rate * backbone_scale),
+                    'frozen': optax.set_to_zero()}, label_of)
 
 
 class L2SPState(NamedTuple):

@@ -21,13 +21,18 @@ def get_config(preset=''):
   config = base_config('transfer', preset)
   config.model = 'digit_cnn'
   config.image_size = 28
+  config.fit_size = 20          # other-size images: resized to this box, centred (MNIST's layout)
   config.source = 'mnist_5k'
-  config.targets = ['sklearn_digits']
-  config.methods = ['scratch', 'linear_probe', 'finetune_last', 'finetune', 'l2sp']
-  config.labels_per_class = [1, 5, 10, 0]   # 0 = every training label
-  config.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=1e-3))
+  # Tuples, not lists: config_flags can override tuple fields (--config.methods="('scratch',)") but
+  # not list fields; a preset's list assigned below is stored as a tuple.
+  config.targets = ('sklearn_digits',)
+  config.methods = ('scratch', 'linear_probe', 'finetune_last', 'finetune', 'l2sp')
+  config.labels_per_class = (1, 5, 10, 0)   # 0 = every training label
+  config.pretrain = ml_collections.ConfigDict(dict(steps=200, batch_size=64, learning_rate=1e-3))
+  # One learning rate for every trained weight (backbone_lr_scale scales the pretrained ones);
+  # linear probes take the usual larger rate. Fixed in advance, never chosen on target labels.
   config.finetune = ml_collections.ConfigDict(dict(steps=100, batch_size=32, learning_rate=1e-3,
-                                                   linear_probe_learning_rate=1e-2))
+                                                   linear_probe_learning_rate=1e-2, backbone_lr_scale=1.0))
   config.l2sp = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01))
   config.eval_batch_size = 512          # a multiple of 8, 16, ... devices: every preset runs on 8-accelerator hosts
 
@@ -42,12 +47,13 @@ def get_config(preset=''):
   elif config.preset == 'paper':
     config.model = 'resnet20_cifar'
     config.image_size = 32
+    config.fit_size = 32
     config.source = 'cifar100'
     config.targets = ['cifar10', 'svhn_cropped']
     config.labels_per_class = [10, 100, 0]
     config.pretrain = ml_collections.ConfigDict(dict(steps=30000, batch_size=128, learning_rate=1e-3))
     config.finetune = ml_collections.ConfigDict(dict(steps=3000, batch_size=128, learning_rate=1e-3,
-                                                     linear_probe_learning_rate=1e-2))
+                                                     linear_probe_learning_rate=1e-2, backbone_lr_scale=1.0))
     config.checkpoint_every = 1000
     config.chunk_steps = 10
   return config
