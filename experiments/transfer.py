@@ -6,6 +6,7 @@ in advance; the target test split is read only for the table.
 Presets, command and table: experiments/configs/transfer.py.
 """
 
+import jax
 import numpy as np
 import optax
 from absl import app
@@ -52,53 +53,69 @@ def validate(config):
 
 
 def load_split(config, name, split):
-  """A split as float images in [0, 1] and int labels. Images of another size than
-  `image_size` are resized to `fit_size` and centred on an `image_size` canvas (MNIST centres
-  its digits in a 20x20 box of a 28x28 image, so 8x8 digits are laid out the same way)."""
+  """A split as uint8 images and int labels. Images of another size than `image_size` are
+  resized to `fit_size` and centred on an `image_size` canvas (MNIST centres its digits in a
+  20x20 box of a 28x28 image, so 8x8 digits are laid out the same way)."""
   arrays = data.load_arrays(name, split, config.data_dir or None)
-  images = transforms.to_float(arrays['image'])
+  images = arrays['image']
   if images.shape[1:3] != (config.image_size, config.image_size):
     margin = config.image_size - config.fit_size
-    images = transforms.resize(images, config.fit_size)
+    images = np.asarray(transforms.resize(images, config.fit_size))
     images = np.pad(images, [(0, 0), (margin // 2, margin - margin // 2), (margin // 2, margin - margin // 2), (0, 0)])
-  return {'image': np.asarray(images), 'label': arrays['label']}
+  return {'image': images, 'label': arrays['label']}
 
 
-def labelled_subset(split, per_class, seed):
-  """`per_class` examples of every class, drawn by `seed` (all of them when per_class is 0),
-  as {'arrays': the chosen examples first, zero-padded to the split's size, 'count': how many}:
-  subsets of every size share one shape, and so one compiled program."""
-  size = len(split['label'])
+def labelled_subset(labels, per_class, seed):
+  """Indices of `per_class` examples of every class drawn by `seed` (all when per_class is 0),
+  padded to the split's size, and how many there are: subsets of every size share one shape,
+  and so one compiled program."""
   if per_class == 0:
-    return {'arrays': split, 'count': np.int32(size)}
+    return {'index': np.arange(len(labels), dtype=np.int32), 'count': np.int32(len(labels))}
   rng = np.random.default_rng(seed)
   chosen = []
-  for label in np.unique(split['label']):
-    pool = np.flatnonzero(split['label'] == label)
+  for label in np.unique(labels):
+    pool = np.flatnonzero(labels == label)
     if len(pool) < per_class:
       raise DataError(f'class {label} has {len(pool)} training examples, fewer than {per_class} labels per class')
     chosen.append(rng.choice(pool, per_class, replace=False))
-  index = np.sort(np.concatenate(chosen))
-  pad = lambda v: np.concatenate([v[index], np.zeros((size - len(index),) + v.shape[1:], v.dtype)])
-  return {'arrays': {k: pad(v) for k, v in split.items()}, 'count': np.int32(len(index))}
+  index = np.sort(np.concatenate(chosen)).astype(np.int32)
+  return {'index': np.pad(index, (0, len(labels) - len(index))), 'count': np.int32(len(index))}
+
+
+def as_float(batch):
+  return dict(batch, image=transforms.to_float(batch['image']))
 
 
 class Programs:
-  """The compiled pieces of one training configuration, for all seeds of a cell."""
+  """The compiled pieces of one training configuration, for all seeds of a cell.
+
+  The training source is {'split': arrays shared by all seeds, 'index': each seed's example
+  indices, 'count': how many of them are used}; images stay uint8 on the device.
+  """
+  SOURCE_AXES = {'split': None, 'index': 0, 'count': 0}
 
   def __init__(self, exp, model, tx, loss_fn, batch_size):
     graphdef = train_state.split_model(model)[0]
     mesh, mode = exp.mesh, exp.config.side_by_side
-    batch_fn = lambda split, state: sharding.shard_batch(data.device_batch(
-        split['arrays'], state.key('data'), state.step, batch_size, split['count']), mesh)
+
+    def batch_fn(source, state):
+      index = data.device_batch(source['index'], state.key('data'), state.step, batch_size, source['count'])
+      return sharding.shard_batch(as_float(jax.tree.map(lambda x: x[index], source['split'])), mesh)
+
     step = steps.make_train_step(graphdef, tx, loss_fn)
-    self.chunk = steps.over_members(steps.make_chunk(step, batch_fn, exp.config.chunk_steps), mode)
-    self.evaluate = loop.make_evaluate(graphdef, metrics.classification, exp.config.eval_batch_size, mode)
+    self.chunk = steps.over_members(steps.make_chunk(step, batch_fn, exp.config.chunk_steps), mode,
+                                    source_axes=self.SOURCE_AXES)
+    self.evaluate = loop.make_evaluate(graphdef, lambda model, batch: metrics.classification(model, as_float(batch)),
+                                       exp.config.eval_batch_size, mode)
+
+  @staticmethod
+  def source(split, subsets, mesh):
+    return sharding.replicate({'split': split, **train_state.stack(subsets)}, mesh)
 
 
 def device_batch_size(wanted, n):
   """The largest batch <= min(wanted, n) that splits evenly over the devices."""
-  devices = sharding.jax.device_count()
+  devices = jax.device_count()
   return max(devices, min(wanted, n) // devices * devices)
 
 
@@ -142,8 +159,8 @@ class Transfer:
     c = self.config.pretrain
     model, tx, states = self.pretrain_states()
     programs = Programs(self.exp, model, tx, cross_entropy, c.batch_size)
-    whole = {'arrays': self.source['train'], 'count': np.int32(len(self.source['train']['label']))}
-    train = sharding.replicate(train_state.stack([whole] * len(self.seeds)), self.exp.mesh)
+    whole = labelled_subset(self.source['train']['label'], 0, None)
+    train = Programs.source(self.source['train'], [whole] * len(self.seeds), self.exp.mesh)
     test = sharding.replicate(self.source['test'], self.exp.mesh)
     _, results = self.exp.train(cell, cell_dir, states, train, chunk_fn=programs.chunk, total_steps=c.steps,
                                 evaluate=lambda s: programs.evaluate(s, test))
@@ -180,10 +197,10 @@ class Transfer:
                             backbone_scale=c.backbone_lr_scale if recipe.pretrained else 1.0)
     if recipe.l2sp:
       tx = optax.chain(l2sp(self.config.l2sp.alpha, self.config.l2sp.beta), tx)
-    subsets = [labelled_subset(splits['train'], cc['labels_per_class'], s) for s in self.seeds]
+    subsets = [labelled_subset(splits['train']['label'], cc['labels_per_class'], s) for s in self.seeds]
     batch_size = device_batch_size(c.batch_size, int(subsets[0]['count']))
     programs = Programs(self.exp, target_models[0], tx, with_frozen_norms(cross_entropy, trainable), batch_size)
-    train = sharding.replicate(train_state.stack(subsets), self.exp.mesh)
+    train = Programs.source(splits['train'], subsets, self.exp.mesh)
     test = sharding.replicate(splits['test'], self.exp.mesh)
     states = init_states(target_models, tx, self.seeds, self.exp.mesh)
     _, results = self.exp.train(cell, cell_dir, states, train, chunk_fn=programs.chunk, total_steps=c.steps,

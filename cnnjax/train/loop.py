@@ -46,7 +46,7 @@ def make_evaluate(graphdef, metrics_fn, batch_size, mode):
     sums = jax.lax.map(one, (jax.tree.map(split, arrays), mask))
     return {k: v.sum() / n for k, v in sums.items()}
 
-  return over_members(evaluate, mode, donate=False, shared_source=True)
+  return over_members(evaluate, mode, donate=False, source_axes=None)
 
 
 def check_finite(metrics, step):

@@ -64,25 +64,31 @@ def member_mode(mode):
   return 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
 
 
-def over_members(fn, mode, donate=True, shared_source=False):
+def over_members(fn, mode, donate=True, source_axes=0):
   """Run `fn(state, source)` for every member of a stacked state.
 
-  `source` is stacked per member too, unless `shared_source` (one source for all).
-  'vmap' and 'unroll' compile all members into one program; 'sequential' calls one
-  compiled member program per member. All three give the same numbers.
+  `source_axes` says, like `jax.vmap`'s in_axes, which parts of `source` are stacked per
+  member (0) and which all members share (None): e.g. {'split': None, 'index': 0} shares a
+  dataset and gives each seed its own subset. 'vmap' and 'unroll' compile all members into
+  one program; 'sequential' calls one compiled member program per member. All three give the
+  same numbers.
   """
   mode = member_mode(mode)
   if mode not in MEMBER_MODES[1:]:
     raise ValueError(f'unknown member mode {mode!r}; allowed: {MEMBER_MODES}')
   donate_argnums = (0,) if donate else ()
   if mode == 'vmap':
-    return jax.jit(jax.vmap(fn, in_axes=(0, None if shared_source else 0)), donate_argnums=donate_argnums)
+    return jax.jit(jax.vmap(fn, in_axes=(0, source_axes)), donate_argnums=donate_argnums)
   member_fn = jax.jit(fn, donate_argnums=donate_argnums) if mode == 'sequential' else fn
+  pick = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
+
+  def member_source(source, m):
+    return jax.tree.map(lambda axis, part: part if axis is None else pick(part, m), source_axes, source,
+                        is_leaf=lambda axis: axis is None)
 
   def each_member(states, source):
     members = jax.tree.leaves(states)[0].shape[0]
-    pick = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
-    outs = [member_fn(pick(states, m), source if shared_source else pick(source, m)) for m in range(members)]
+    outs = [member_fn(pick(states, m), member_source(source, m)) for m in range(members)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
   return each_member if mode == 'sequential' else jax.jit(each_member, donate_argnums=donate_argnums)
