@@ -1,0 +1,163 @@
+"""Models: parameter counts (the papers' numbers), a jitted forward/backward pass, clear shape
+errors, the registry's error and the transfer parameter groups."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cnnjax import metrics, models
+from cnnjax.errors import ConfigError
+from cnnjax.methods.transfer import path_str, startswith_any
+from cnnjax.models.cifar_resnet import CifarBackbone
+
+
+def abstract(name, **kwargs):
+  """The model with shapes only: nothing is allocated or initialised."""
+  return nnx.eval_shape(lambda: models.build(name, num_classes=kwargs.pop('num_classes', 10), **kwargs))
+
+
+def param_count(model):
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_paths(model):
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  return [path_str(path) for path, _ in leaves]
+
+
+# Parameter counts -------------------------------------------------------------------------------
+
+def test_digit_cnn_parameter_count():
+  # conv 3*3*1*32 + bn 2*32, conv 3*3*32*64 + bn 2*64, dense 7*7*64*128 + 128, head 128*10 + 10
+  expected = 288 + 64 + 18432 + 128 + 3136 * 128 + 128 + 1290
+  assert expected == 421_738
+  assert param_count(abstract('digit_cnn')) == expected
+
+
+@pytest.mark.parametrize('depth, exact, paper', [
+    (20, 269_722, 0.27e6), (56, 853_018, 0.85e6), (110, 1_727_962, 1.7e6),
+])
+def test_cifar_resnet_parameter_counts_match_the_paper(depth, exact, paper):
+  """He et al. 2016, Table 6: ResNet-20 0.27M, ResNet-56 0.85M, ResNet-110 1.7M (option-A shortcuts)."""
+  count = param_count(abstract(f'resnet{depth}_cifar'))
+  assert count == exact
+  assert abs(count - paper) / paper < 0.02
+
+
+def test_cifar_resnet_depths_are_six_n_plus_two():
+  assert 'resnet21_cifar' not in models.MODELS
+  with pytest.raises(ConfigError, match='resnet21_cifar'):
+    models.build('resnet21_cifar', num_classes=10)
+  with pytest.raises(ValueError, match=r'6n\+2.*21'):
+    nnx.eval_shape(lambda: CifarBackbone(21, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  backbone = nnx.eval_shape(lambda: CifarBackbone(8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  assert [len(stage.blocks) for stage in backbone.stages] == [1, 1, 1]
+
+
+def test_parameters_stay_float32_with_bfloat16_compute():
+  model = abstract('resnet20_cifar', dtype='bfloat16')
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+
+
+def test_unknown_model_lists_the_models():
+  with pytest.raises(ConfigError) as info:
+    models.build('vgg_tiny', num_classes=10)
+  assert info.value.key == 'model' and info.value.value == 'vgg_tiny'
+  assert info.value.allowed == models.MODELS.names()
+  for name in ('digit_cnn', 'resnet20_cifar', 'resnet110_cifar', "'vgg_tiny'"):
+    assert name in str(info.value)
+
+
+# Forward and backward ---------------------------------------------------------------------------
+
+CASES = {
+    # name: (build kwargs, input shape (small), classes)
+    'digit_cnn': (dict(size=12, width=8), (3, 12, 12, 1), 7),
+    'resnet20_cifar': (dict(), (2, 8, 8, 3), 5),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_jitted_forward_and_backward_are_finite(name):
+  kwargs, shape, classes = CASES[name]
+  model = models.build(name, num_classes=classes, seed=0, **kwargs)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.uniform(jax.random.key(1), shape)
+  y = jnp.arange(shape[0]) % classes
+
+  @jax.jit
+  def forward_backward(params, rest, x, y):
+    model = nnx.merge(graphdef, params, rest)
+    model.train()
+
+    def loss_fn(model):
+      logits = model(x)
+      return metrics.nll(logits, y).mean(), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    model.eval()
+    return loss, logits, grads, model(x), nnx.state(model, nnx.BatchStat)
+
+  loss, logits, grads, eval_logits, stats = forward_backward(params, rest, x, y)
+  assert logits.shape == eval_logits.shape == (shape[0], classes)
+  assert logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(loss)) and np.all(np.isfinite(logits)) and np.all(np.isfinite(eval_logits))
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  grad_norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(grad_norms)) and sum(grad_norms) > 0
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads['head']))
+  # Training mode updated the batch statistics (the running means moved off their zero start).
+  means = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats) if 'mean' in path_str(path)]
+  assert means and any(float(jnp.abs(m).sum()) > 0 for m in means)
+
+
+@pytest.mark.parametrize('name, family, right, wrong', [
+    ('digit_cnn', 'digit_cnn', (2, 28, 28, 1), (2, 28, 28, 3)),
+    ('digit_cnn', 'digit_cnn', (2, 28, 28, 1), (2, 28, 28)),
+    ('resnet20_cifar', 'cifar_resnet', (2, 32, 32, 3), (2, 32, 32, 1)),
+])
+def test_wrong_input_shape_names_the_shape(name, family, right, wrong):
+  def forward(shape):  # traced only (jax.eval_shape): nothing is initialised or compiled
+    return jax.eval_shape(lambda: models.build(name, num_classes=10)(jnp.zeros(shape)))
+  assert forward(right).shape == (2, 10)
+  with pytest.raises(ValueError) as info:
+    forward(wrong)
+  message = str(info.value)
+  assert str(wrong) in message and family in message and f'{right[-1]} channel' in message
+
+
+def test_digit_cnn_needs_size_divisible_by_four():
+  with pytest.raises(ValueError, match='divisible by 4.*30'):
+    abstract('digit_cnn', size=30)
+
+
+# Transfer parameter groups ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['digit_cnn', 'resnet20_cifar'])
+def test_trainable_paths_select_head_last_stage_and_all(name):
+  model = abstract(name)
+  paths = param_paths(model)
+  last = len(model.backbone.stages) - 1
+  assert models.trainable_paths(model, 'head') == ('head',)
+  assert models.trainable_paths(model, 'last_stage') == (f'backbone/stages/{last}', 'head')
+  assert models.trainable_paths(model, 'all') == ('',)
+
+  selected = {part: [p for p in paths if startswith_any(p, models.trainable_paths(model, part))]
+              for part in ('head', 'last_stage', 'all')}
+  assert sorted(selected['head']) == ['head/bias', 'head/kernel']
+  assert selected['all'] == paths
+  expected_last = [p for p in paths if p.startswith(f'backbone/stages/{last}/') or p.startswith('head/')]
+  assert selected['last_stage'] == expected_last
+  assert len(selected['head']) < len(selected['last_stage']) < len(selected['all'])
+  # Earlier stages and the stem are never in the last stage.
+  assert not any(p.startswith('backbone/stages/0/') or p.startswith('backbone/stem/')
+                 for p in selected['last_stage'])
+
+
+def test_unknown_trainable_part_fails():
+  with pytest.raises(KeyError):
+    models.trainable_paths(abstract('digit_cnn'), 'middle')
