@@ -16,7 +16,7 @@ from cnnjax.errors import ConfigError
 PRESETS = ('smoke', 'default', 'paper')
 
 # Keys that change where or how a run is logged, not what it computes: left out of the hash.
-UNHASHED_KEYS = ('workdir', 'wandb', 'progress', 'side_by_side')
+UNHASHED_KEYS = ('workdir', 'results_dir', 'data_dir', 'compile_cache', 'wandb', 'progress', 'side_by_side')
 
 
 def preset_name(preset):

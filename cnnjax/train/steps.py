@@ -29,7 +29,7 @@ def make_train_step(graphdef, tx, loss_fn):
     params = optax.apply_updates(state.params, updates)
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     # The norm of the updates, not of all gradients: gradients of frozen parameters stay dead code.
-    metrics = dict(metrics, loss=loss, update_norm=optax.global_norm(updates))
+    metrics = dict(metrics, loss=loss, update_norm=optax.tree.norm(updates))
     return state.replace(step=state.step + 1, params=params, model_state=model_state,
                          opt_state=opt_state), metrics
 
