@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 from absl import app
+from flax import nnx
 from ml_collections import config_flags
 
 from cnnjax import config as cfg
@@ -18,7 +19,7 @@ from cnnjax.data import transforms
 from cnnjax.errors import DataError
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.methods.transfer import TRANSFER_METHODS, finetune_optimizer, l2sp, with_frozen_norms
-from cnnjax.tables import Table
+from cnnjax.tables import Table, mean_std
 from cnnjax.train import loop, sharding, state as train_state, steps
 from cnnjax.train.checkpoint import Checkpoints
 from experiments import runner
@@ -171,7 +172,7 @@ class Transfer:
     with Checkpoints(pretrain_dir / 'checkpoints') as checkpoints:
       states = checkpoints.restore(like)
     graphdef = train_state.split_model(model)[0]
-    return [train_state.nnx.merge(graphdef, s.params, s.model_state).backbone for s in train_state.unstack(states)]
+    return [nnx.merge(graphdef, s.params, s.model_state).backbone for s in train_state.unstack(states)]
 
   # Transfer -----------------------------------------------------------------------------------
   def transfer_cell(self, method, target, per_class, pretrain_cell):
@@ -211,6 +212,8 @@ class Transfer:
     c, exp = self.config, self.exp
     pretrain = self.pretrain_cell()
     pretrained = exp.run_grid([pretrain], self.run_pretrain)[pretrain]
+    if 'failed' in pretrained:
+      raise RuntimeError(f'pretraining failed, so there is nothing to transfer: {pretrained["failed"]}')
     pretrain_dir = exp.root / pretrain.dirname
     backbones = None
     cells = [self.transfer_cell(m, t, k, pretrain) for m in c.methods for t in c.targets for k in c.labels_per_class]
@@ -237,7 +240,7 @@ class Transfer:
 
   def write_table(self, cells, results, pretrained):
     c = self.config
-    source = f'{np.mean(pretrained["accuracy"]):.1f} ± {np.std(pretrained["accuracy"], ddof=1 if len(self.seeds) > 1 else 0):.1f}'
+    source = '{:.1f} ± {:.1f}'.format(*mean_std(pretrained['accuracy']))
     table = Table('transfer', c.preset, f'Transfer {c.source} -> {", ".join(c.targets)}: target test accuracy (%)',
                   caption=(f'{c.model} pretrained on {c.source} ({c.pretrain.steps} steps; source test accuracy '
                            f'{source} %), then trained {c.finetune.steps} steps on k labels per class of the target. '

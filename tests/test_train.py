@@ -440,3 +440,13 @@ def test_evaluate_equals_numpy_over_a_split(spine, n, mode):
     np.testing.assert_allclose(results['accuracy'][i], accuracy, rtol=1e-6)
     np.testing.assert_allclose(results['nll'][i], nll, rtol=1e-5)
   assert results['accuracy'][0] >= (n // 2) / n
+
+
+def test_checkpoints_accept_a_relative_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  tree = {'w': jnp.arange(3.0)}
+  with Checkpoints('workdir/cell/checkpoints') as checkpoints:
+    checkpoints.save(5, tree)
+  with Checkpoints('workdir/cell/checkpoints') as checkpoints:
+    assert checkpoints.latest_step() == 5
+    np.testing.assert_array_equal(checkpoints.restore(tree)['w'], tree['w'])

@@ -1,5 +1,7 @@
 """Orbax checkpoints of the whole TrainState, every N steps, resumed from the latest."""
 
+from pathlib import Path
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -9,7 +11,7 @@ class Checkpoints:
 
   def __init__(self, directory, max_to_keep=2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options)  # orbax wants absolute paths
 
   def latest_step(self):
     return self.manager.latest_step()
