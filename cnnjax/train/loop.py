@@ -4,6 +4,8 @@ Seeds of one table cell train side by side: every state here carries a leading
 member axis (use `state.stack([s])` for a single run).
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +72,8 @@ def fit(states, source, *, chunk_fn, total_steps, chunk_steps, evaluate=None, ev
   """
   step = int(np.asarray(states.step).reshape(-1)[0])
   bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not progress or jax.process_index() != 0,
-             unit='step', dynamic_ncols=True, leave=False)
+             unit='step', dynamic_ncols=True, leave=False,
+             mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
   results = {}
   while step < total_steps:
     states, metrics = chunk_fn(states, source)
