@@ -10,7 +10,7 @@ channels where the shape changes), so ResNet-20/32/44/56/110 have 0.27M/0.46M/0.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import MODELS, Classifier, check_images
+from cnnjax.models.registry import Classifier, check_images, register
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -78,13 +78,13 @@ class CifarBackbone(nnx.Module):
     return x.mean(axis=(1, 2))
 
 
-def register(depth):
-  @MODELS.register(f'resnet{depth}_cifar')
-  def cifar_resnet(num_classes, *, rngs, dtype=jnp.float32, channels=3):
+def register_depth(depth):
+  @register(f'resnet{depth}_cifar', inputs=[(32, 32, 3)], num_classes=10)
+  def cifar_resnet(*, num_classes, rngs, dtype=jnp.float32, channels=3):
     return Classifier(CifarBackbone(depth, channels, rngs=rngs, dtype=dtype), 64, num_classes,
                       rngs=rngs, dtype=dtype)
   cifar_resnet.__doc__ = f'CIFAR ResNet-{depth} (He et al. 2016, option-A shortcuts).'
 
 
 for _depth in DEPTHS:
-  register(_depth)
+  register_depth(_depth)

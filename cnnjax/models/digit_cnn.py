@@ -8,7 +8,7 @@ conv 3x3/32 -> pool -> conv 3x3/64 -> pool -> dense 128 -> head.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import MODELS, Classifier, check_images, max_pool2
+from cnnjax.models.registry import Classifier, check_images, max_pool2, register
 
 
 class ConvStage(nnx.Module):
@@ -52,8 +52,8 @@ class DigitBackbone(nnx.Module):
     return x
 
 
-@MODELS.register('digit_cnn')
-def digit_cnn(num_classes, *, rngs, dtype=jnp.float32, channels=1, size=28, width=32):
+@register('digit_cnn', inputs=[(28, 28, 1)], num_classes=10)
+def digit_cnn(*, num_classes, rngs, dtype=jnp.float32, channels=1, size=28, width=32):
   """The default CPU-preset CNN (~0.42M parameters at 28x28, 10 classes)."""
   backbone = DigitBackbone(channels, size, width, rngs=rngs, dtype=dtype)
   return Classifier(backbone, 128, num_classes, rngs=rngs, dtype=dtype)

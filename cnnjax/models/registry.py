@@ -1,20 +1,58 @@
 """The model registry and the shared pieces every model family uses."""
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cnnjax.registry import Registry
 
 MODELS = Registry('model')
+SPECS = {}  # name -> Spec: how to call the model at its standard and at a small test size
 
 
-def build(name, *, num_classes, seed=0, dtype='float32', **kwargs):
-  """A model by name with parameters initialised from `seed`.
+class Spec(NamedTuple):
+  """The inputs of a model (per example, without the batch axis) and its standard build arguments.
+
+  `inputs`: shapes at the paper's standard size (used for the parameter and FLOP table);
+  `small_inputs`: shapes for fast tests; `input_dtype`: 'float32' for images, 'int32' for tokens;
+  `kwargs`: arguments of the standard build (e.g. num_classes=1000); `small_kwargs`: of the
+  fast-test build (e.g. fewer classes), merged over `kwargs`.
+  """
+  inputs: tuple
+  small_inputs: tuple
+  input_dtype: str = 'float32'
+  kwargs: dict = {}
+  small_kwargs: dict = {}
+
+  def example(self, batch, small=True, dtype=None):
+    """Abstract example inputs (jax.ShapeDtypeStruct) for a batch."""
+    shapes = self.small_inputs if small else self.inputs
+    return tuple(jax.ShapeDtypeStruct((batch, *shape), dtype or self.input_dtype) for shape in shapes)
+
+
+def register(name, *, inputs, small_inputs=None, input_dtype='float32', small_kwargs=None, **kwargs):
+  """Register a model builder `fn(*, rngs, dtype, **kwargs) -> nnx.Module` with its input spec."""
+  def add(fn):
+    SPECS[name] = Spec(tuple(map(tuple, inputs)), tuple(map(tuple, small_inputs or inputs)), input_dtype,
+                       kwargs, small_kwargs or {})
+    return MODELS.register(name)(fn)
+  return add
+
+
+def build(name, *, seed=0, dtype='float32', **kwargs):
+  """A model by name with parameters initialised from `seed` (arguments: the model's builder).
 
   `dtype` is the compute dtype (e.g. 'bfloat16' on accelerators); parameters stay float32.
   """
-  return MODELS.get(name, key='model')(num_classes=num_classes, rngs=nnx.Rngs(seed),
-                                       dtype=jnp.dtype(dtype), **kwargs)
+  return MODELS.get(name, key='model')(rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), **kwargs)
+
+
+def count_params(name, **kwargs):
+  """Parameters of a model from abstract shapes: nothing is allocated or compiled."""
+  model = nnx.eval_shape(lambda: build(name, **kwargs))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def check_images(x, channels, model):
