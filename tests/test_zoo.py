@@ -53,3 +53,11 @@ def test_standard_size_runs_abstractly(name):
   model = nnx.eval_shape(lambda: models.build(name, **spec.kwargs))
   outputs = jax.eval_shape(lambda m, *x: m(*x), model, *spec.example(1, small=False))
   assert all(x.shape[0] == 1 for x in jax.tree.leaves(outputs))
+
+
+def test_zoo_table_lists_parameters_and_flops(tmp_path):
+  from cnnjax.models.__main__ import main
+  main(['--out', str(tmp_path / 'models.md'), '--models', 'digit_cnn', 'resnet20_cifar'])
+  text = (tmp_path / 'models.md').read_text()
+  assert '| resnet20_cifar | 32x32x3 | num_classes=10 | 269,722 | 0.075 |' in text  # ~41M multiply-adds
+  assert '| digit_cnn |' in text and 'Made by' in text
