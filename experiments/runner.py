@@ -97,11 +97,14 @@ class Experiment:
       step = int(np.asarray(states.step).reshape(-1)[0])
       trackers = self.trackers(cell, cell_dir, cell.config['seeds'], resume_step=step)
       try:
-        return loop.fit(states, source, chunk_fn=chunk_fn, total_steps=total_steps,
-                        chunk_steps=config.chunk_steps, evaluate=evaluate, eval_every=config.eval_every,
-                        checkpoints=checkpoints, checkpoint_every=config.checkpoint_every,
-                        trackers=trackers, progress=config.progress,
-                        desc=desc or f'{cell.row} | {cell.column}')
+        states, results = loop.fit(states, source, chunk_fn=chunk_fn, total_steps=total_steps,
+                                   chunk_steps=config.chunk_steps, evaluate=evaluate, eval_every=config.eval_every,
+                                   checkpoints=checkpoints, checkpoint_every=config.checkpoint_every,
+                                   trackers=trackers, progress=config.progress,
+                                   desc=desc or f'{cell.row} | {cell.column}')
+        for m, tracker in enumerate(trackers):
+          tracker.summary({f'eval/{k}': v[m] for k, v in results.items()})
+        return states, results
       finally:
         for tracker in trackers:
           tracker.close()

@@ -169,3 +169,15 @@ def test_train_resumes_a_cell_from_its_last_checkpoint(tmp_path, program):
   curves = runner.curves_from({'erm': dirs[straight]}, SEEDS, 'train/loss')
   assert [[step for step, _ in run] for run in curves['erm']] == [[5, 10, 15]] * len(SEEDS)
   assert curves['erm'][0][0][1] == tracking.read_metrics(dirs[straight] / 'seed_0')[0]['train/loss']
+
+
+def test_train_writes_each_seeds_final_eval_to_its_summary(tmp_path, program):
+  chunk, source, fresh = program
+  experiment = runner.Experiment('unit', make_config(tmp_path, checkpoint_every=5, chunk_steps=CHUNK), None)
+  cell = runner.Cell('erm', 'all', dict(seeds=SEEDS))
+  evaluate = lambda states: {'accuracy': np.asarray(states.step, np.float32) / 10 + np.arange(len(SEEDS))}
+  experiment.train(cell, experiment.root / cell.dirname, fresh(), source, chunk_fn=chunk, total_steps=5,
+                   evaluate=evaluate)
+  for m, s in enumerate(SEEDS):
+    summary = json.loads((experiment.root / cell.dirname / f'seed_{s}' / 'summary.json').read_text())
+    assert summary == {'eval/accuracy': pytest.approx(0.5 + m)}
