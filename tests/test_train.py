@@ -450,3 +450,27 @@ def test_checkpoints_accept_a_relative_directory(tmp_path, monkeypatch):
   with Checkpoints('workdir/cell/checkpoints') as checkpoints:
     assert checkpoints.latest_step() == 5
     np.testing.assert_array_equal(checkpoints.restore(tree)['w'], tree['w'])
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path):
+  tree = {'w': jnp.arange(3.0)}
+  with Checkpoints(tmp_path / 'ckpt', max_to_keep=3) as checkpoints:
+    checkpoints.save(5, tree)
+    checkpoints.save(10, {'w': tree['w'] + 1})
+  for path in (tmp_path / 'ckpt' / '10').rglob('*'):  # truncate every file of the newer checkpoint
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[:3])
+  with Checkpoints(tmp_path / 'ckpt') as checkpoints, pytest.warns(RuntimeWarning, match='step 10'):
+    restored = checkpoints.restore(tree)
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+
+
+def test_no_readable_checkpoint_means_a_fresh_start(tmp_path):
+  tree = {'w': jnp.arange(3.0)}
+  with Checkpoints(tmp_path / 'ckpt') as checkpoints:
+    checkpoints.save(5, tree)
+  for path in (tmp_path / 'ckpt' / '5').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'')
+  with Checkpoints(tmp_path / 'ckpt') as checkpoints, pytest.warns(RuntimeWarning):
+    assert checkpoints.restore(tree) is None

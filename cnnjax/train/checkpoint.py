@@ -1,5 +1,6 @@
 """Orbax checkpoints of the whole TrainState, every N steps, resumed from the latest."""
 
+import warnings
 from pathlib import Path
 
 import jax
@@ -20,12 +21,19 @@ class Checkpoints:
     self.manager.save(int(step), args=ocp.args.StandardSave(state))
 
   def restore(self, like):
-    """The latest saved state shaped and sharded like `like`, or None when there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
+    """The latest readable state shaped and sharded like `like`, or None when there is none.
+
+    A damaged checkpoint (truncated or missing files) costs a warning and falls back to the one
+    before it; with none readable, the run starts afresh.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as error:  # orbax and tensorstore raise many kinds on damaged files
+        warnings.warn(f'checkpoint step {step} in {self.manager.directory} is unreadable ({error}); '
+                      'trying the one before', RuntimeWarning)
+    return None
 
   def close(self):
     self.manager.wait_until_finished()
