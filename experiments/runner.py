@@ -7,7 +7,9 @@ and, once finished, DONE. Rerunning skips cells with DONE and resumes the others
 their last checkpoint (DomainBed-style sweeps).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -56,25 +58,42 @@ class Experiment:
     self.started = time.time()
 
   def run_grid(self, cells, run_cell):
-    """{cell: result} for every cell; `run_cell(cell, cell_dir) -> result (JSON-able dict)`."""
-    results = {}
+    """{cell: result} for every cell; `run_cell(cell, cell_dir) -> result (JSON-able dict)`.
+
+    Another process of the same sweep may hold a cell (an flock on `<cell_dir>/.lock`, which the
+    kernel drops when its holder dies): such a cell is left for later, then waited for, so two
+    runs into one workdir share the work and each ends with every cell's result.
+    """
+    results, busy = {}, []
     for i, cell in enumerate(cells):
-      cell_dir = self.root / cell.dirname
-      if (cell_dir / DONE_FILE).exists():
-        results[cell] = json.loads((cell_dir / RESULT_FILE).read_text())
-        print(f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}: done, skipped', flush=True)
-        continue
-      print(f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}', flush=True)
-      tracking.write_atomic(cell_dir / 'config.json', json.dumps(cell.config, indent=2, default=str))
-      try:
-        result = run_cell(cell, cell_dir)
-      except loop.NonFiniteError as error:
-        result = {'failed': str(error)}
-        print(f'  failed: {error}', flush=True)
-      tracking.write_atomic(cell_dir / RESULT_FILE, json.dumps(result, indent=2, default=tracking.to_plain))
-      tracking.write_atomic(cell_dir / DONE_FILE, '')
-      results[cell] = result
-    return results
+      label = f'[{i + 1}/{len(cells)}] {self.name}: {cell.row} | {cell.column}'
+      with cell_lock(self.root / cell.dirname, wait=False) as held:
+        if held:
+          results[cell] = self._run_cell(cell, run_cell, label)
+        else:
+          busy.append((cell, label))
+    for cell, label in busy:
+      print(f'{label}: waiting for another process', flush=True)
+      with cell_lock(self.root / cell.dirname, wait=True):
+        results[cell] = self._run_cell(cell, run_cell, label)
+    return {cell: results[cell] for cell in cells}
+
+  def _run_cell(self, cell, run_cell, label):
+    """The cell's result: read when it is DONE, else computed (under the cell's lock)."""
+    cell_dir = self.root / cell.dirname
+    if (cell_dir / DONE_FILE).exists():
+      print(f'{label}: done, skipped', flush=True)
+      return json.loads((cell_dir / RESULT_FILE).read_text())
+    print(label, flush=True)
+    tracking.write_atomic(cell_dir / 'config.json', json.dumps(cell.config, indent=2, default=str))
+    try:
+      result = run_cell(cell, cell_dir)
+    except loop.NonFiniteError as error:
+      result = {'failed': str(error)}
+      print(f'  failed: {error}', flush=True)
+    tracking.write_atomic(cell_dir / RESULT_FILE, json.dumps(result, indent=2, default=tracking.to_plain))
+    tracking.write_atomic(cell_dir / DONE_FILE, '')
+    return result
 
   def trackers(self, cell, cell_dir, seeds, resume_step):
     """One Tracker per seed under `<cell_dir>/seed_<s>`, W&B run named method-seed."""
@@ -122,6 +141,22 @@ class Experiment:
                          ylabel=curves['ylabel'], title=curves['title'])
     tables.write_index(self.results_dir.parent.parent)
     print(f'wrote {self.results_dir}/table.md')
+
+
+@contextlib.contextmanager
+def cell_lock(cell_dir, wait):
+  """An exclusive flock on `<cell_dir>/.lock`; yields whether it is held (always, when `wait`)."""
+  cell_dir.mkdir(parents=True, exist_ok=True)
+  with open(cell_dir / '.lock', 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def curves_from(cell_dirs, seeds, metric):

@@ -181,3 +181,30 @@ def test_train_writes_each_seeds_final_eval_to_its_summary(tmp_path, program):
   for m, s in enumerate(SEEDS):
     summary = json.loads((experiment.root / cell.dirname / f'seed_{s}' / 'summary.json').read_text())
     assert summary == {'eval/accuracy': pytest.approx(0.5 + m)}
+
+
+def test_two_runs_into_one_workdir_share_the_cells(tmp_path):
+  """Two sweeps at once (threads here; flock works the same across processes): every cell is
+  computed once, and both end with every cell's result."""
+  import threading
+  import time
+  cells = [runner.Cell('erm', f'setting {i}', dict(seeds=[0], i=i)) for i in range(6)]
+  computed = []
+
+  def run_cell(cell, cell_dir):
+    computed.append(cell.config['i'])
+    time.sleep(0.05)
+    return {'accuracy': [float(cell.config['i'])]}
+
+  outputs = [None, None]
+
+  def sweep(k):
+    outputs[k] = runner.Experiment('unit', make_config(tmp_path), None).run_grid(cells, run_cell)
+
+  threads = [threading.Thread(target=sweep, args=(k,)) for k in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert sorted(computed) == list(range(6))
+  assert outputs[0] == outputs[1] == {cell: {'accuracy': [float(cell.config['i'])]} for cell in cells}
