@@ -5,8 +5,10 @@ Every experiment config is an `ml_collections.ConfigDict` made by
 compute and raises `ConfigError` naming the key, the value and what is allowed.
 """
 
+import collections.abc
 import hashlib
 import json
+import math
 
 import jax
 import ml_collections
@@ -36,28 +38,36 @@ def lookup(config, key):
 
 
 def check_choice(config, key, choices):
+  """The value (or each value of a list) is one of `choices`."""
   value = lookup(config, key)
   values = value if isinstance(value, (list, tuple)) else [value]
+  if not values:
+    raise ConfigError(key, value, f'one or more of {sorted(choices)}')
   for v in values:
-    if v not in choices:
+    if not isinstance(v, collections.abc.Hashable) or v not in choices:
       raise ConfigError(key, v, sorted(choices))
 
 
 def check_positive(config, key, allow_zero=False):
+  """A finite number > 0 (or >= 0)."""
   value = lookup(config, key)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ConfigError(key, value, 'a number')
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(key, value, 'a finite number')
   if value < 0 or (value == 0 and not allow_zero):
     raise ConfigError(key, value, 'a number >= 0' if allow_zero else 'a number > 0')
 
 
 def check_type(config, key, kind):
+  """A value of type `kind` (a type or a tuple of types); bool does not pass for int."""
   value = lookup(config, key)
-  if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-    raise ConfigError(key, value, f'a value of type {kind.__name__}')
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+    raise ConfigError(key, value, 'a value of type ' + ' or '.join(k.__name__ for k in kinds))
 
 
 def check_divisible(config, key, divisor, why):
+  """A whole number that `divisor` divides."""
+  check_type(config, key, int)
   value = lookup(config, key)
   if value % divisor:
     raise ConfigError(key, value, f'a multiple of {divisor} ({why})')
@@ -103,6 +113,7 @@ def validate_base(config):
   check_positive(config, 'seeds')
   check_choice(config, 'preset', PRESETS)
   check_positive(config, 'chunk_steps')
+  check_type(config, 'chunk_steps', int)
   for key in ('eval_every', 'checkpoint_every'):
     check_positive(config, key, allow_zero=True)
     check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')

@@ -35,8 +35,9 @@ def validate(config):
   known = data.DATASETS.names() + list(data.CATALOG)
   cfg.check_choice(config, 'source', known)
   cfg.check_choice(config, 'targets', known)
+  cfg.check_type(config, 'labels_per_class', (list, tuple))
   for k in config.labels_per_class:
-    if not isinstance(k, int) or k < 0:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
       raise cfg.ConfigError('labels_per_class', k, 'integers >= 0 (0 = all labels)')
   for phase in ('pretrain', 'finetune'):
     cfg.check_type(config, f'{phase}.steps', int)
@@ -49,6 +50,8 @@ def validate(config):
   cfg.check_positive(config, 'l2sp.alpha', allow_zero=True)
   cfg.check_positive(config, 'l2sp.beta', allow_zero=True)
   cfg.check_batch_fits_devices(config, 'eval_batch_size')
+  cfg.check_type(config, 'image_size', int)
+  cfg.check_type(config, 'fit_size', int)
   if not 0 < config.fit_size <= config.image_size:
     raise cfg.ConfigError('fit_size', config.fit_size, f'1..image_size ({config.image_size})')
 
