@@ -318,3 +318,12 @@ def test_device_batch_with_count_uses_only_the_first_count_examples():
   assert sorted(epoch.tolist()) == list(range(6))
   next_epoch = np.concatenate([jitted(arrays, key, s, 2, jnp.int32(6))['id'] for s in range(3, 6)])
   assert sorted(next_epoch.tolist()) == list(range(6)) and not np.array_equal(epoch, next_epoch)
+
+
+def test_a_damaged_prepared_file_says_what_to_do(tmp_path):
+  data.load_arrays('sklearn_digits', 'train', tmp_path)
+  shard, = tmp_path.glob('sklearn_digits/*/sklearn_digits-train.array_record*')
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  with pytest.raises(DataError, match='damaged, delete that folder') as e:
+    data.load_arrays('sklearn_digits', 'train', tmp_path)
+  assert 'python -m cnnjax.data.prepare sklearn_digits' in str(e.value)

@@ -58,7 +58,7 @@ def data_source(name, split, data_dir=None):
   _check_split(b, name, split)
   try:
     source = b.as_data_source(split=split)
-  except (NotImplementedError, ValueError) as e:  # Unprepared, other format, or no examples selected.
+  except (NotImplementedError, ValueError, RuntimeError) as e:  # Unprepared, damaged, or no examples selected.
     raise _unreadable(b, name, split, data_dir, e) from e
   if len(source) == 0:
     raise _unreadable(b, name, split, data_dir, 'no examples')
@@ -67,7 +67,12 @@ def data_source(name, split, data_dir=None):
 
 def load_arrays(name, split, data_dir=None):
   """The whole split as dict(image=uint8 NHWC array, label=int32 array), for on-device loading."""
-  records = _read_all(data_source(name, split, data_dir))
+  source = data_source(name, split, data_dir)
+  try:
+    records = _read_all(source)
+  except RuntimeError as e:  # array_record reports damaged files as RuntimeError
+    data_dir = str(data_dir or default_data_dir())
+    raise _unreadable(builder(name, data_dir), name, split, data_dir, e) from e
   try:
     images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
   except ValueError as e:
@@ -146,7 +151,7 @@ def _unreadable(b, name, split, data_dir, reason):
     return DataError(f'TFDS dataset {name!r} is not prepared in {data_dir}. Prepare it once, with '
                      f"TensorFlow and a network: pip install '.[prepare]' && {command}")
   return DataError(f'{name}[{split}] in {b.data_dir} has no readable examples ({reason}); choose '
-                   f'another split, or delete that folder and run: {command}')
+                   f'another split, or, if its files are damaged, delete that folder and run: {command}')
 
 
 def _read_all(source):
