@@ -18,6 +18,11 @@ def small(name, **kwargs):
   return models.build(name, **{**spec.kwargs, **spec.small_kwargs, **kwargs})
 
 
+def run_small(name, *inputs, **kwargs):
+  """Build the small model and call it in one compiled program (eager initialisation is slow on CPU)."""
+  return jax.jit(lambda *x: small(name, **kwargs)(*x))(*inputs)
+
+
 def images(shape, seed=0):
   return jax.random.uniform(jax.random.key(seed), shape)
 
@@ -55,3 +60,56 @@ def test_super_resolution_rejects_wrong_channels():
     jax.eval_shape(lambda x: small('edsr_baseline')(x), jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32))
   with pytest.raises(ValueError, match='upscale'):
     small('edsr', upscale=5)
+
+
+# Registration
+
+@pytest.mark.parametrize('shape', [(1, 8, 9, 2), (2, 5, 6, 7, 1)])
+def test_zero_flow_warps_to_the_identity(shape):
+  from cnnjax.models.registration import warp
+  image = images(shape)
+  flow = jnp.zeros((*shape[:-1], len(shape) - 2))
+  np.testing.assert_allclose(warp(image, flow), image, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,shift', [((1, 8, 9, 2), (2, -1)), ((2, 5, 6, 7, 1), (1, 0, -2))])
+def test_constant_integer_flow_shifts_the_image(shape, shift):
+  from cnnjax.models.registration import warp
+  image = images(shape)
+  flow = jnp.broadcast_to(jnp.array(shift, jnp.float32), (*shape[:-1], len(shift)))
+  warped = warp(image, flow)
+  # warped[x] = image[x + shift] wherever x + shift lies inside the image
+  inside = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, shape[1:-1]))
+  source = tuple(slice(max(0, s), n + min(0, s)) for s, n in zip(shift, shape[1:-1]))
+  np.testing.assert_allclose(warped[(slice(None), *inside)], image[(slice(None), *source)], atol=1e-6)
+
+
+def test_half_pixel_flow_interpolates_linearly():
+  from cnnjax.models.registration import warp
+  image = jnp.arange(6.0).reshape(1, 1, 6, 1) * jnp.ones((1, 3, 1, 1))
+  warped = warp(image, jnp.zeros((1, 3, 6, 2)).at[..., 1].set(0.5))
+  np.testing.assert_allclose(warped[0, :, :5, 0], jnp.broadcast_to(jnp.arange(5.0) + 0.5, (3, 5)), atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['voxelmorph2d', 'voxelmorph3d'])
+def test_voxelmorph_returns_warped_image_and_flow(name):
+  shape = (2, *models.SPECS[name].small_inputs[0])
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  warped, flow = jax.eval_shape(lambda m, f: small(name)(m, f), x, x)
+  assert warped.shape == shape and flow.shape == (*shape[:-1], len(shape) - 2)
+
+
+def test_voxelmorph_starts_near_the_identity():
+  moving, fixed = images((1, 8, 8, 1), 0), images((1, 8, 8, 1), 1)
+  warped, flow = run_small('voxelmorph2d', moving, fixed)
+  assert float(jnp.abs(flow).max()) < 1e-2
+  np.testing.assert_allclose(warped, moving, atol=1e-2)
+
+
+def test_voxelmorph_rejects_bad_inputs():
+  two_d = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
+  with pytest.raises(ValueError, match='spatial'):
+    jax.eval_shape(lambda m, f: small('voxelmorph3d')(m, f), two_d, two_d)
+  with pytest.raises(ValueError, match='divisible'):
+    odd = jax.ShapeDtypeStruct((1, 6, 8, 1), jnp.float32)
+    jax.eval_shape(lambda m, f: small('voxelmorph2d')(m, f), odd, odd)
