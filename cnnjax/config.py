@@ -18,7 +18,8 @@ from cnnjax.errors import ConfigError
 PRESETS = ('smoke', 'default', 'paper')
 
 # Keys that change where or how a run is logged, not what it computes: left out of the hash.
-UNHASHED_KEYS = ('workdir', 'results_dir', 'data_dir', 'compile_cache', 'wandb', 'progress', 'side_by_side')
+UNHASHED_KEYS = ('workdir', 'results_dir', 'data_dir', 'compile_cache', 'wandb', 'progress', 'side_by_side',
+                 'distributed')
 
 
 def preset_name(preset):
@@ -103,6 +104,10 @@ def base_config(experiment, preset):
   config.compile_cache = '~/.cache/cnnjax/jax'  # persistent XLA compile cache ('' = off)
   config.progress = True
   config.wandb = ml_collections.ConfigDict({'project': 'cnnjax', 'mode': 'auto'})
+  # Multi-host: enabled=True joins jax.distributed (auto-detected on SLURM / TPU pods, else give
+  # the coordinator host:port, the process count and this process's id).
+  config.distributed = ml_collections.ConfigDict(
+      {'enabled': False, 'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
   return config
 
 
@@ -119,3 +124,4 @@ def validate_base(config):
     check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')
   check_choice(config, 'side_by_side', MEMBER_MODES)
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
+  check_type(config, 'distributed.enabled', bool)

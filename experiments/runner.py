@@ -169,11 +169,14 @@ def curves_from(cell_dirs, seeds, metric):
 
 
 def setup(config, validate):
-  """Process-wide set-up: quiet logs, validate the config (before any compute), the persistent
-  compile cache; returns the data mesh."""
+  """Process-wide set-up: quiet logs, join a multi-host run, validate the config (before any
+  compute), the persistent compile cache; returns the data mesh over every device of every host."""
   from cnnjax.train import sharding
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS narrate every step at INFO
   os.environ.setdefault('WANDB_SILENT', 'true')
+  cfg.check_type(config, 'distributed.enabled', bool)
+  if config.distributed.enabled:  # before validation, which counts the devices of all hosts
+    sharding.initialize_distributed(**{k: v for k, v in config.distributed.items() if k != 'enabled'})
   validate(config)
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))

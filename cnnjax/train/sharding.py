@@ -11,6 +11,18 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
+def initialize_distributed(coordinator_address='', num_processes=0, process_id=-1):
+  """Join a multi-process run (one process per host) before anything touches a device.
+
+  With no arguments JAX detects SLURM, Open MPI, Kubernetes and TPU pods from their environment;
+  elsewhere give the coordinator's host:port, the process count and this process's id. CPU
+  processes exchange collectives through gloo.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address or None, num_processes or None,
+                             process_id if process_id >= 0 else None)
+
+
 def make_mesh(num_devices=None):
   """A 1-D mesh named `data` over the first `num_devices` devices (all by default)."""
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
