@@ -113,3 +113,31 @@ def test_voxelmorph_rejects_bad_inputs():
   with pytest.raises(ValueError, match='divisible'):
     odd = jax.ShapeDtypeStruct((1, 6, 8, 1), jnp.float32)
     jax.eval_shape(lambda m, f: small('voxelmorph2d')(m, f), odd, odd)
+
+
+# Text
+
+def test_text_cnn_parameter_counts():
+  convs = 300 * 100 * (3 + 4 + 5) + 3 * 100
+  assert models.count_params('kim_cnn', **models.SPECS['kim_cnn'].kwargs) == 18765 * 300 + convs + 300 * 2 + 2
+  assert round(models.count_params('char_cnn', **models.SPECS['char_cnn'].kwargs) / 1e6, 1) == 11.3
+
+
+@pytest.mark.parametrize('name', ['kim_cnn', 'char_cnn'])
+def test_text_cnns_classify_int_tokens(name):
+  tokens = jax.random.randint(jax.random.key(0), (3, *models.SPECS[name].small_inputs[0]), 0, 30)
+  logits = run_small(name, tokens)
+  assert logits.shape == (3, models.SPECS[name].kwargs['num_classes']) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize('name', ['kim_cnn', 'char_cnn'])
+def test_text_cnns_reject_bad_inputs(name):
+  length = models.SPECS[name].small_inputs[0][0]
+  for bad in [jax.ShapeDtypeStruct((2, length, 1), jnp.int32), jax.ShapeDtypeStruct((2, length), jnp.float32)]:
+    with pytest.raises(ValueError, match='integer token ids'):
+      jax.eval_shape(lambda x: small(name)(x), bad)
+
+
+def test_char_cnn_rejects_other_lengths():
+  with pytest.raises(ValueError, match='built for length'):
+    jax.eval_shape(lambda x: small('char_cnn')(x), jax.ShapeDtypeStruct((2, 100), jnp.int32))
