@@ -100,6 +100,7 @@ def base_config(experiment, preset):
   config.chunk_steps = 5                  # unrolled steps per compiled call (rolled loops are slow on CPU)
   config.eval_every = 0                   # steps between evaluations (0 = at the end only)
   config.checkpoint_every = 100           # steps between checkpoints (and at the end)
+  config.compute_dtype = 'float32'        # bfloat16 on accelerators: bf16 compute, f32 params and optimizer
   config.side_by_side = 'auto'            # seeds in one program: auto | vmap | unroll | sequential
   config.compile_cache = '~/.cache/cnnjax/jax'  # persistent XLA compile cache ('' = off)
   config.progress = True
@@ -123,5 +124,6 @@ def validate_base(config):
     check_positive(config, key, allow_zero=True)
     check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')
   check_choice(config, 'side_by_side', MEMBER_MODES)
+  check_choice(config, 'compute_dtype', ('float32', 'bfloat16', 'float16'))
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
   check_type(config, 'distributed.enabled', bool)

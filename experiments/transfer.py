@@ -144,7 +144,8 @@ class Transfer:
     self.seeds = list(range(config.seeds))
 
   def build(self, num_classes, seed):
-    return models.build(self.config.model, num_classes=num_classes, seed=seed, channels=self.channels)
+    return models.build(self.config.model, num_classes=num_classes, seed=seed, channels=self.channels,
+                        dtype=self.config.compute_dtype)
 
   # Pretraining --------------------------------------------------------------------------------
   def pretrain_cell(self):

@@ -474,3 +474,20 @@ def test_no_readable_checkpoint_means_a_fresh_start(tmp_path):
       path.write_bytes(b'')
   with Checkpoints(tmp_path / 'ckpt') as checkpoints, pytest.warns(RuntimeWarning):
     assert checkpoints.restore(tree) is None
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_trains():
+  model = models.build('digit_cnn', num_classes=4, seed=0, size=8, width=4, dtype='bfloat16')
+  graphdef, params, _ = train_state.split_model(model)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  tx = optax.adam(1e-2)
+  step = jax.jit(steps.make_train_step(graphdef, tx, cross_entropy))
+  state = train_state.create(model, tx, 0)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(size=(16, 8, 8, 1)).astype(np.float32), 'label': rng.integers(0, 4, 16).astype(np.int32)}
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0]
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
