@@ -141,3 +141,19 @@ def test_text_cnns_reject_bad_inputs(name):
 def test_char_cnn_rejects_other_lengths():
   with pytest.raises(ValueError, match='built for length'):
     jax.eval_shape(lambda x: small('char_cnn')(x), jax.ShapeDtypeStruct((2, 100), jnp.int32))
+
+
+# ConvLSTM
+
+def test_convlstm_hidden_states_carry_the_past_and_not_the_future():
+  x = images((2, 4, 8, 8, 2))
+  first, last = x.at[:, 0].set(0.0), x.at[:, -1].set(0.0)  # only frame 0, or only the last frame, differs
+  out, out_first, out_last = jax.jit(lambda *xs: tuple(map(small('convlstm'), xs)))(x, first, last)
+  assert out.shape == (2, 4, 8, 8, 8)
+  assert float(jnp.abs(out[:, -1] - out_first[:, -1]).max()) > 1e-6  # the state carried frame 0 to the end
+  np.testing.assert_allclose(out[:, :-1], out_last[:, :-1], atol=1e-6)  # causal
+
+
+def test_convlstm_rejects_frames_of_another_shape():
+  with pytest.raises(ValueError, match='sequences'):
+    jax.eval_shape(lambda x: small('convlstm')(x), jax.ShapeDtypeStruct((2, 8, 8, 2), jnp.float32))
