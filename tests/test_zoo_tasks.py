@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from cnnjax import models
 
@@ -157,3 +158,54 @@ def test_convlstm_hidden_states_carry_the_past_and_not_the_future():
 def test_convlstm_rejects_frames_of_another_shape():
   with pytest.raises(ValueError, match='sequences'):
     jax.eval_shape(lambda x: small('convlstm')(x), jax.ShapeDtypeStruct((2, 8, 8, 2), jnp.float32))
+
+
+# SiamFC
+
+def test_siamfc_scores_17x17_at_127_and_255():
+  spec = models.SPECS['siamfc']
+  score = jax.eval_shape(lambda z, x: models.build('siamfc')(z, x), *spec.example(2, small=False))
+  assert score.shape == (2, 17, 17, 1)
+  assert round(models.count_params('siamfc') / 1e6, 1) == 2.3
+
+
+def test_cross_correlation_is_per_example_and_matches_a_loop():
+  from cnnjax.models.siamese import cross_correlate
+  z, x = images((2, 3, 2, 4), 0), images((2, 6, 5, 4), 1)
+  out = cross_correlate(z, x)
+  assert out.shape == (2, 4, 4, 1)
+  z, x, out = np.asarray(z), np.asarray(x), np.asarray(out)
+  for b, i, j in np.ndindex(2, 4, 4):
+    np.testing.assert_allclose(out[b, i, j, 0], jnp.sum(z[b] * x[b, i:i + 3, j:j + 2]), rtol=1e-5)
+
+
+def test_siamfc_exemplar_cut_from_the_search_image_scores_its_own_norm_there():
+  """With batch norm in inference mode the embedding is translation equivariant with stride 8:
+  an exemplar cut at (8a, 8b) embeds to the search embedding at (a, b), so the score there is
+  1e-3 |phi(z)|^2 + b (the autocorrelation), and shifting the search image by 8 shifts the map by 1."""
+  from cnnjax.models.siamese import max_pool3s2
+  search = images((1, 71, 71, 3))
+  exemplar = search[:, 16:47, 8:39]  # (a, b) = (2, 1)
+
+  @jax.jit
+  def run(exemplar, search):
+    model = small('siamfc')
+    model.eval()
+    z = model.embed(exemplar)
+    return model(exemplar, search[:, :63, :63]), model(exemplar, search[:, 8:, 8:]), z
+
+  score, shifted, z = run(exemplar, search)
+  assert score.shape == (1, 5, 5, 1)
+  pooled = jnp.arange(2 * 7 * 8 * 1.0).reshape(1, 7, 8, 2)
+  np.testing.assert_array_equal(max_pool3s2(pooled), nnx.max_pool(pooled, (3, 3), strides=(2, 2)))
+  np.testing.assert_allclose(score[0, 2, 1, 0], 1e-3 * jnp.sum(z * z), rtol=1e-4)
+  np.testing.assert_allclose(shifted[:, :4, :4], score[:, 1:, 1:], rtol=1e-4, atol=1e-7)
+
+
+def test_siamfc_rejects_bad_images():
+  spec = models.SPECS['siamfc']
+  z, x = spec.example(1)
+  with pytest.raises(ValueError, match='NHWC'):
+    jax.eval_shape(lambda z, x: small('siamfc')(z, x), z, jax.ShapeDtypeStruct((63, 63, 3), jnp.float32))
+  with pytest.raises(ValueError, match='larger'):
+    jax.eval_shape(lambda z, x: small('siamfc')(z, x), x, z)
