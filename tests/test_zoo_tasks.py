@@ -209,3 +209,32 @@ def test_siamfc_rejects_bad_images():
     jax.eval_shape(lambda z, x: small('siamfc')(z, x), z, jax.ShapeDtypeStruct((63, 63, 3), jnp.float32))
   with pytest.raises(ValueError, match='larger'):
     jax.eval_shape(lambda z, x: small('siamfc')(z, x), x, z)
+
+
+# Fusion
+
+FUSIONS = ['fusion_early', 'fusion_late', 'fusion_intermediate', 'fusion_gated']
+
+
+@pytest.mark.parametrize('name', FUSIONS)
+def test_fusion_heads_take_two_modalities(name):
+  rgb, depth = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+  assert jax.eval_shape(lambda a, b: small(name)(a, b), rgb, depth).shape == (2, 10)
+  with pytest.raises(ValueError, match='channel'):
+    jax.eval_shape(lambda a, b: small(name)(a, b), depth, rgb)
+  with pytest.raises(ValueError, match='same batch and size'):
+    jax.eval_shape(lambda a, b: small(name)(a, b), rgb, jax.ShapeDtypeStruct((2, 4, 4, 1), jnp.float32))
+
+
+def test_fusion_parameters_grow_from_early_to_gated():
+  counts = [models.count_params(name, num_classes=10) for name in FUSIONS]
+  assert counts[0] < counts[2] < counts[1] < counts[3]
+
+
+def test_gated_multimodal_unit_is_a_convex_combination():
+  from cnnjax.models.fusion import GatedMultimodalUnit
+  gmu = GatedMultimodalUnit(6, 5, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  x_a, x_b = images((4, 6), 0), -images((4, 6), 1)
+  h = gmu(x_a, x_b)
+  h_a, h_b = jnp.tanh(gmu.proj_a(x_a)), jnp.tanh(gmu.proj_b(x_b))
+  assert bool(jnp.all((h >= jnp.minimum(h_a, h_b) - 1e-6) & (h <= jnp.maximum(h_a, h_b) + 1e-6)))
