@@ -60,7 +60,7 @@ def test_super_resolution_rejects_wrong_channels():
   with pytest.raises(ValueError, match='NHWC'):
     jax.eval_shape(lambda x: small('edsr_baseline')(x), jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32))
   with pytest.raises(ValueError, match='upscale'):
-    small('edsr', upscale=5)
+    jax.eval_shape(lambda: small('edsr', upscale=5))
 
 
 # Registration
@@ -101,8 +101,8 @@ def test_voxelmorph_returns_warped_image_and_flow(name):
 
 
 def test_voxelmorph_starts_near_the_identity():
-  moving, fixed = images((1, 8, 8, 1), 0), images((1, 8, 8, 1), 1)
-  warped, flow = run_small('voxelmorph2d', moving, fixed)
+  moving, fixed = images((1, 4, 4, 1), 0), images((1, 4, 4, 1), 1)
+  warped, flow = run_small('voxelmorph2d', moving, fixed, enc=(2,), dec=(2, 2, 2, 2))
   assert float(jnp.abs(flow).max()) < 1e-2
   np.testing.assert_allclose(warped, moving, atol=1e-2)
 
@@ -126,9 +126,10 @@ def test_text_cnn_parameter_counts():
 
 @pytest.mark.parametrize('name', ['kim_cnn', 'char_cnn'])
 def test_text_cnns_classify_int_tokens(name):
-  tokens = jax.random.randint(jax.random.key(0), (3, *models.SPECS[name].small_inputs[0]), 0, 30)
-  logits = run_small(name, tokens)
-  assert logits.shape == (3, models.SPECS[name].kwargs['num_classes']) and bool(jnp.isfinite(logits).all())
+  for dtype in (jnp.int32, jnp.uint8, jnp.int64 if jax.config.jax_enable_x64 else jnp.int16):
+    tokens = jax.ShapeDtypeStruct((3, *models.SPECS[name].small_inputs[0]), dtype)
+    logits = jax.eval_shape(lambda x: small(name)(x), tokens)
+    assert logits.shape == (3, models.SPECS[name].kwargs['num_classes']) and logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize('name', ['kim_cnn', 'char_cnn'])
