@@ -3,6 +3,8 @@
 Backbone: ResNet-50 (He et al. 2016; torchvision's v1.5 bottlenecks, projection shortcuts)
 without pooling or classifier, whose last stages trade their stride for atrous (dilated)
 convolutions (Chen et al. 2017, section 3.1), so the feature map is 1/16 (or 1/8) of the input.
+Every block of an atrous stage uses the stage's rate (torchvision keeps the previous rate in the
+first block; the parameter count is the same). `blocks` and `width` shrink it for fast tests.
 
 FCN (Long et al. 2015, "Fully Convolutional Networks for Semantic Segmentation"), torchvision's
 `fcn_resnet50` layout at output stride 8: a 3x3 conv 512 + BN + ReLU, a 1x1 conv classifier and
