@@ -74,7 +74,7 @@ class SiamFC(nnx.Module):
 
 
 @register('siamfc', inputs=[(127, 127, 3), (255, 255, 3)], small_inputs=[(31, 31, 3), (63, 63, 3)],
-          small_kwargs=dict(widths=(8, 16, 16, 16, 16), kernels=(3, 3, 1, 1, 1)))
+          small_kwargs=dict(widths=(8, 8, 8, 8, 8), kernels=(3, 3, 1, 1, 1)))
 def siamfc(*, rngs, dtype=jnp.float32, channels=3, widths=(96, 256, 384, 384, 256), kernels=(11, 5, 3, 3, 3),
            groups=(1, 2, 1, 2, 2)):
   """SiamFC with the AlexNet-like embedding (2.33M parameters): 17x17 score maps at 127/255."""
