@@ -5,6 +5,7 @@ followed by batch norm (eps 1e-3) and ReLU, and the "5x5" branch of each Incepti
 a 3x3 convolution (as in torchvision's port). Stem: conv 7x7/2 64 -> max pool 3x3/2 -> conv 1x1
 64 -> conv 3x3 192 -> max pool; Inception 3a-3b, max pool, 4a-4e, max pool, 5a-5b; global
 average pooling and a linear head. No auxiliary classifiers and no dropout before the head.
+(The fast zoo test builds one Inception module per stage; the full network is checked abstractly.)
 6,624,904 parameters at 1000 classes (torchvision: 6,624,904; the paper's BN-free net: ~6.8M).
 """
 
@@ -90,12 +91,13 @@ class Stem(nnx.Module):
 
 class GoogLeNetBackbone(nnx.Module):
 
-  def __init__(self, channels, *, rngs, dtype):
+  def __init__(self, channels, modules, *, rngs, dtype):
     self.channels, self.dtype = channels, dtype
     self.stem = Stem(channels, rngs=rngs, dtype=dtype)
     stages, cin = [], 192
-    for names, pool in ((('3a', '3b'), False), (('4a', '4b', '4c', '4d', '4e'), True), (('5a', '5b'), True)):
-      stages.append(Stage(cin, names, pool, rngs=rngs, dtype=dtype))
+    for names, pool, n in zip((('3a', '3b'), ('4a', '4b', '4c', '4d', '4e'), ('5a', '5b')), (False, True, True),
+                              modules):
+      stages.append(Stage(cin, names[:n], pool, rngs=rngs, dtype=dtype))
       cin = stages[-1].features
     self.stages, self.features = nnx.List(stages), cin
 
@@ -108,8 +110,11 @@ class GoogLeNetBackbone(nnx.Module):
 
 
 @register('googlenet', inputs=[(224, 224, 3)], small_inputs=[(32, 32, 3)], num_classes=1000,
-          small_kwargs=dict(num_classes=10))
-def googlenet(*, num_classes, rngs, dtype=jnp.float32, channels=3):
-  """GoogLeNet / Inception-v1 with batch norm (6.62M parameters at 1000 classes)."""
-  backbone = GoogLeNetBackbone(channels, rngs=rngs, dtype=dtype)
+          small_kwargs=dict(num_classes=10, modules=(1, 1, 1)))
+def googlenet(*, num_classes, rngs, dtype=jnp.float32, channels=3, modules=(2, 5, 2)):
+  """GoogLeNet / Inception-v1 with batch norm (6.62M parameters at 1000 classes).
+
+  `modules`: the first 1-2, 1-5 and 1-2 Inception modules of stages 3, 4 and 5 (fewer for fast tests).
+  """
+  backbone = GoogLeNetBackbone(channels, modules, rngs=rngs, dtype=dtype)
   return Classifier(backbone, backbone.features, num_classes, rngs=rngs, dtype=dtype)
