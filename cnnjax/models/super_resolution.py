@@ -122,7 +122,7 @@ class EDSR(nnx.Module):
 
   def __init__(self, channels, upscale, num_blocks, features, res_scale, *, rngs, dtype):
     self.channels, self.dtype = channels, dtype
-    self.mean = jnp.array(RGB_MEAN if channels == 3 else (0.5,) * channels, jnp.float32)
+    self.mean = RGB_MEAN if channels == 3 else (0.5,) * channels  # a constant, not a parameter
     self.head = conv3(channels, features, rngs=rngs, dtype=dtype)
     self.blocks = nnx.List([ResBlock(features, res_scale, rngs=rngs, dtype=dtype) for _ in range(num_blocks)])
     self.body = conv3(features, features, rngs=rngs, dtype=dtype)
@@ -131,12 +131,13 @@ class EDSR(nnx.Module):
 
   def __call__(self, x):
     check_images(x, self.channels, 'edsr')
-    x = self.head((x - self.mean).astype(self.dtype))
+    mean = jnp.array(self.mean, jnp.float32)
+    x = self.head((x - mean).astype(self.dtype))
     y = x
     for block in self.blocks:
       y = block(y)
     x = x + self.body(y)
-    return self.tail(self.upsample(x)).astype(jnp.float32) + self.mean
+    return self.tail(self.upsample(x)).astype(jnp.float32) + mean
 
 
 @register('edsr_baseline', inputs=[(48, 48, 3)], small_inputs=[(8, 8, 3)], upscale=2,
