@@ -1,0 +1,442 @@
+"""Benchmark: how fast cnnjax trains on this machine, against PyTorch eager and against itself.
+
+Every measurement times `repeats` repeats of `chunk_steps` training steps after a warm-up call
+(which compiles), blocking on the results; the table shows mean ± std over the repeats and
+provenance.json the medians. Speed targets live here and in the README, never in tests.
+Presets, command and table: experiments/configs/benchmark.py.
+"""
+
+import json
+import os
+
+# PyTorch's OpenMP threads busy-wait by default, which on a shared, loaded CPU costs it ~2.5x
+# (digit CNN, batch 128: 700 vs 260 ms/step at load 7 on 2 cores); set before torch is imported.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from ml_collections import config_flags
+
+from cnnjax import config as cfg
+from cnnjax import data, models, tables
+from cnnjax.methods.classification import cross_entropy
+from cnnjax.tables import Table
+from cnnjax.train import sharding, state as train_state, steps
+from experiments import runner
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/benchmark.py', lock_config=True)
+
+INPUTS = {'digit_cnn': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
+NUM_CLASSES = 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+def validate(config):
+  """Fail before any compute on a wrong key, name or value."""
+  cfg.validate_base(config)
+  cfg.check_choice(config, 'models', tuple(INPUTS))
+  for name in config.models:
+    cfg.check_type(config, f'batch_sizes.{name}', int)
+    cfg.check_batch_fits_devices(config, f'batch_sizes.{name}')
+  for key in ('throughput_chunk_steps', 'large_chunk_steps', 'repeats', 'member_chunk_steps', 'split_size',
+              'grain_batches'):
+    cfg.check_type(config, key, int)
+    cfg.check_positive(config, key)
+  cfg.check_type(config, 'members', (list, tuple))
+  for m in config.members:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+      raise cfg.ConfigError('members', m, 'integers >= 1')
+  cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
+  cfg.check_positive(config, 'learning_rate')
+  cfg.check_positive(config, 'peak_flops', allow_zero=True)
+  for key in ('torch', 'compile', 'bf16'):
+    cfg.check_type(config, key, bool)
+  if config.split_size < max(config.batch_sizes[name] for name in config.models):
+    raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
+
+
+# Timing -----------------------------------------------------------------------------------------
+
+def block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
+
+
+def time_repeats(call, state, repeats, warmup=1):
+  """Seconds of each of `repeats` calls of `state = call(state)`, after `warmup` untimed calls
+  (the first compiles). Returns (seconds per repeat, final state)."""
+  for _ in range(warmup):
+    state = block(call(state))
+  seconds = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    state = block(call(state))
+    seconds.append(time.perf_counter() - started)
+  return seconds, state
+
+
+# cnnjax programs --------------------------------------------------------------------------------
+
+class Bench:
+  """Synthetic device-resident data and the train step of one model, as the experiments build it."""
+
+  def __init__(self, config, mesh, name, dtype='float32'):
+    self.config, self.mesh, self.name = config, mesh, name
+    size, channels = INPUTS[name]
+    self.batch_size = config.batch_sizes[name]
+    rng = np.random.default_rng(0)
+    split = {'image': rng.integers(0, 256, (config.split_size, size, size, channels), dtype=np.uint8),
+             'label': rng.integers(0, NUM_CLASSES, config.split_size).astype(np.int32)}
+    self.source = sharding.replicate({'split': split}, mesh)
+    self.build = lambda seed: models.build(name, num_classes=NUM_CLASSES, seed=seed, channels=channels, dtype=dtype)
+    model = self.build(0)
+    self.tx = optax.adam(config.learning_rate)
+    self.graphdef = train_state.split_model(model)[0]
+    self.step = steps.make_train_step(self.graphdef, self.tx, cross_entropy)
+
+  def batch_fn(self, source, state):
+    batch = data.device_batch(source['split'], state.key('data'), state.step, self.batch_size)
+    return sharding.shard_batch(dict(batch, image=data.transforms.to_float(batch['image'])), self.mesh)
+
+  def states(self, members=None):
+    """One state, or `members` stacked states (seeds 0..M-1), replicated over the mesh."""
+    if members is None:
+      return sharding.replicate(train_state.create(self.build(0), self.tx, 0), self.mesh)
+    return sharding.replicate(train_state.stack([train_state.create(self.build(s), self.tx, s)
+                                                 for s in range(members)]), self.mesh)
+
+  def chunk(self, k):
+    """k unrolled steps in one jitted program (one member)."""
+    return jax.jit(steps.make_chunk(self.step, self.batch_fn, k), donate_argnums=0)
+
+  def scan(self, k):
+    """The same k steps as a rolled lax.scan."""
+    def run(state, source):
+      def body(state, _):
+        return self.step(state, self.batch_fn(source, state))
+      return jax.lax.scan(body, state, None, length=k)
+    return jax.jit(run, donate_argnums=0)
+
+  def members(self, k, mode):
+    return steps.over_members(steps.make_chunk(self.step, self.batch_fn, k), mode, source_axes={'split': None})
+
+  def timed(self, fn, state, repeats):
+    """Seconds per repeat of `state = fn(state, source)[0]`."""
+    return time_repeats(lambda s: fn(s, self.source)[0], state, repeats)[0]
+
+  def flops(self, fn, state):
+    """Flops of one call of the jitted `fn` from XLA's cost analysis (0 when it has none)."""
+    try:
+      analysis = fn.lower(state, self.source).compile().cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+      return float(analysis.get('flops', 0.0))
+    except Exception:  # cost analysis is best effort: no MFU row without it
+      return 0.0
+
+
+# PyTorch reference models (eager, NCHW) --------------------------------------------------------
+
+def torch_model(name):
+  """The PyTorch twin of a cnnjax model: same layers, shapes, batch-norm momentum and head."""
+  import torch
+  from torch import nn
+
+  def conv_bn(cin, cout, kernel=3, stride=1):
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, momentum=0.1)]
+
+  class CifarBlock(nn.Module):  # option A: identity shortcut, subsampled and zero-padded
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout))
+      self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x):
+      shortcut = x[:, :, ::self.stride, ::self.stride]
+      if self.pad:
+        shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+      return torch.relu(self.body(x) + shortcut)
+
+  class Bottleneck(nn.Module):  # torchvision v1.5: stride on the 3x3, projection where shapes change
+    def __init__(self, cin, width, stride):
+      super().__init__()
+      self.body = nn.Sequential(*conv_bn(cin, width, 1), nn.ReLU(), *conv_bn(width, width, 3, stride), nn.ReLU(),
+                                *conv_bn(width, 4 * width, 1))
+      self.shortcut = (nn.Sequential(*conv_bn(cin, 4 * width, 1, stride))
+                       if stride != 1 or cin != 4 * width else nn.Identity())
+
+    def forward(self, x):
+      return torch.relu(self.body(x) + self.shortcut(x))
+
+  if name == 'digit_cnn':
+    return nn.Sequential(*conv_bn(1, 32), nn.ReLU(), nn.MaxPool2d(2), *conv_bn(32, 64), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+  if name == 'resnet20_cifar':
+    layers, cin = [*conv_bn(3, 16), nn.ReLU()], 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+      for i in range(3):
+        layers.append(CifarBlock(cin, cout, stride if i == 0 else 1))
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES))
+  if name == 'resnet50':
+    layers, cin = [*conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 64
+    for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+      for b in range(blocks):
+        layers.append(Bottleneck(cin, width, 2 if i and not b else 1))
+        cin = 4 * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, NUM_CLASSES))
+  raise ValueError(name)
+
+
+def torch_seconds(config, name):
+  """Seconds per repeat of `chunk_steps` PyTorch eager Adam steps of the twin model."""
+  import torch
+  torch.manual_seed(0)
+  size, channels = INPUTS[name]
+  batch = config.batch_sizes[name]
+  model = torch_model(name).train()
+  optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+  generator = torch.Generator().manual_seed(0)
+  images = torch.randint(0, 256, (config.split_size, channels, size, size), dtype=torch.uint8, generator=generator)
+  labels = torch.randint(0, NUM_CLASSES, (config.split_size,), generator=generator)
+
+  def train_steps(k):
+    for _ in range(k):
+      index = torch.randint(0, config.split_size, (batch,), generator=generator)
+      x, y = images[index].float() / 255.0, labels[index]
+      optimizer.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.cross_entropy(model(x), y)
+      loss.backward()
+      optimizer.step()
+    return loss.item()
+
+  k = chunk_steps_for(config, name)
+  return time_repeats(lambda _: train_steps(k), None, config.repeats)[0], k
+
+
+def chunk_steps_for(config, name):
+  return config.throughput_chunk_steps if name == 'digit_cnn' else config.large_chunk_steps
+
+
+def torch_available():
+  try:
+    import torch  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+# Compile cache ----------------------------------------------------------------------------------
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    import jax
+    jax.config.update('jax_compilation_cache_dir', sys.argv[1])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    import ml_collections
+    from experiments import benchmark
+    from cnnjax.train import sharding
+    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+    bench = benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn')
+    state = bench.states()
+    started = time.perf_counter()
+    bench.chunk(config.chunk_steps).lower(state, bench.source).compile()
+    print('COMPILE_SECONDS', time.perf_counter() - started)
+''')
+
+
+def compile_seconds(config, cache_dir):
+  """Seconds to compile the digit-CNN chunk in a fresh process with the persistent cache at `cache_dir`."""
+  done = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT, str(cache_dir), json.dumps(config.to_dict())],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  if done.returncode:
+    raise RuntimeError(f'compile subprocess failed:\n{done.stderr[-3000:]}')
+  return float(done.stdout.split('COMPILE_SECONDS')[-1].split()[0])
+
+
+# grain ------------------------------------------------------------------------------------------
+
+def grain_seconds(config, batch_size):
+  """Seconds per repeat of `grain_batches` batches from the grain loader (after a warm-up batch)."""
+  source = data.data_source(config.grain_dataset, 'train', config.data_dir or None)
+  batches = data.grain_batches(source, global_batch_size=batch_size, seed=0)
+
+  def read(_):
+    for _ in range(config.grain_batches):
+      batch = next(batches)
+    return batch['image'].shape[0]
+
+  return time_repeats(read, None, config.repeats)[0]
+
+
+# The benchmark ----------------------------------------------------------------------------------
+
+class Benchmark:
+
+  def __init__(self, exp):
+    self.exp, self.config = exp, exp.config
+    c = self.config
+    self.table = Table('benchmark', c.preset, f'Training speed on {jax.devices()[0].device_kind} '
+                       f'({jax.device_count()} {jax.default_backend()} device(s))', digits=2)
+    self.medians, self.notes = {}, []
+    self.consumed = None  # digit-CNN images/s, for the grain comparison
+
+  def add(self, row, column, values):
+    for value in values:
+      self.table.add(row, column, value)
+    self.medians[f'{row} | {column}'] = float(np.median(values))
+    print(f'  {row} | {column}: median {np.median(values):.2f}', flush=True)
+
+  def add_step_times(self, row, seconds, steps_per_repeat, batch):
+    ms = [1000 * s / steps_per_repeat for s in seconds]
+    self.add(row, 'ms/step', ms)
+    self.add(row, 'images/s', [1000 * batch / m for m in ms])
+    return ms
+
+  def throughput(self):
+    """(1) cnnjax vs PyTorch eager images/s, same model, batch and Adam."""
+    c = self.config
+    have_torch = c.torch and torch_available()
+    if c.torch and not have_torch:
+      self.notes.append('PyTorch rows skipped: torch is not installed (pip install torch==2.13.0, the bench extra).')
+      print('  torch is not installed: skipping the PyTorch rows (pip install torch==2.13.0)', flush=True)
+    if have_torch:
+      import torch
+      self.notes.append(f'PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, '
+                        f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
+    for name in c.models:
+      print(f'[throughput] {name}', flush=True)
+      bench, k = Bench(c, self.exp.mesh, name), chunk_steps_for(c, name)
+      chunk = bench.chunk(k)
+      ours = self.add_step_times(f'{name} cnnjax', bench.timed(chunk, bench.states(), c.repeats), k,
+                                 bench.batch_size)
+      if name == 'digit_cnn':
+        self.consumed = [1000 * bench.batch_size / m for m in ours]
+      if c.peak_flops and jax.default_backend() != 'cpu':
+        flops = bench.flops(chunk, bench.states()) / k
+        if flops:
+          self.add(f'{name} cnnjax', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ours])
+      if c.bf16 and jax.default_backend() != 'cpu':
+        low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
+        self.add_step_times(f'{name} cnnjax bf16', low.timed(low.chunk(k), low.states(), c.repeats), k,
+                            low.batch_size)
+      if have_torch:
+        seconds, k = torch_seconds(c, name)
+        theirs = self.add_step_times(f'{name} torch', seconds, k, bench.batch_size)
+        self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
+
+  def members(self):
+    """(2) M members in one program (vmap, unroll) vs M sequential calls."""
+    c = self.config
+    bench, k = Bench(c, self.exp.mesh, 'digit_cnn'), c.member_chunk_steps
+    for m in c.members:
+      print(f'[members] M={m}', flush=True)
+      ms = {}
+      for mode in c.member_modes:
+        seconds = bench.timed(bench.members(k, mode), bench.states(m), c.repeats)
+        ms[mode] = [1000 * s / k for s in seconds]
+        self.add(f'digit_cnn M={m} {mode}', 'ms/step', ms[mode])
+      if 'sequential' in ms:
+        for mode in [mode for mode in ms if mode != 'sequential']:
+          self.add(f'digit_cnn M={m} {mode} / sequential ms/step', 'ratio',
+                   [a / b for a, b in zip(ms[mode], ms['sequential'])])
+
+  def chunks(self):
+    """(3) k unrolled steps in one program vs a Python loop of jitted steps vs a rolled scan."""
+    c, k = self.config, self.config.chunk_steps
+    print(f'[chunks] k={k}', flush=True)
+    bench = Bench(c, self.exp.mesh, 'digit_cnn')
+    single = bench.chunk(1)
+
+    def loop(state, source):
+      for _ in range(k):
+        state, metrics = single(state, source)
+      return state, metrics
+
+    ms = {}
+    for label, fn in ((f'chunk of {k} unrolled', bench.chunk(k)), (f'Python loop of {k} jitted steps', loop),
+                      (f'lax.scan over {k} steps', bench.scan(k))):
+      seconds = bench.timed(fn, bench.states(), c.repeats)
+      ms[label] = [1000 * s / k for s in seconds]
+      self.add(f'digit_cnn {label}', 'ms/step', ms[label])
+    chunk, loop_label, scan_label = ms
+    self.add('digit_cnn Python loop / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[loop_label], ms[chunk])])
+    self.add('digit_cnn lax.scan / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[scan_label], ms[chunk])])
+
+  def compile(self):
+    """(4) Cold compile vs warm start from the persistent compilation cache, in fresh processes."""
+    c = self.config
+    print('[compile] cold, then warm', flush=True)
+    with tempfile.TemporaryDirectory(prefix='cnnjax-bench-cache-') as cache:
+      cold = compile_seconds(c, cache)
+      warm = compile_seconds(c, cache)
+    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, cold', 's', [cold])
+    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, warm cache', 's', [warm])
+    self.add('digit_cnn compile warm / cold s', 'ratio', [warm / cold])
+
+  def grain(self):
+    """(5) grain loader images/s vs the digit CNN's consumption."""
+    c = self.config
+    batch = c.batch_sizes.digit_cnn
+    print('[grain]', flush=True)
+    seconds = grain_seconds(c, batch)
+    rate = [c.grain_batches * batch / s for s in seconds]
+    self.add(f'grain {c.grain_dataset} loader', 'images/s', rate)
+    if self.consumed:
+      self.add('grain loader / digit_cnn consumption images/s', 'ratio',
+               [r / used for r, used in zip(rate, self.consumed)])
+
+  def run(self):
+    self.throughput()
+    self.members()
+    self.chunks()
+    if self.config.compile:
+      self.compile()
+    self.grain()
+    self.write()
+
+  def write(self):
+    c = self.config
+    self.table.caption = ' '.join([
+        f'Training steps with Adam on synthetic device-resident batches (digit CNN 28x28x1 and ResNet-20 '
+        f'32x32x3 at batch {c.batch_sizes.digit_cnn}/{c.batch_sizes.resnet20_cifar}); each value is one '
+        f'repeat of {c.chunk_steps} steps (the larger models: {c.large_chunk_steps} steps) after a warm-up call. '
+        'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '
+        'ratio < 1: the first is faster; grain > 1: the loader outpaces training). Here n counts timed repeats, '
+        'not seeds.',
+        *self.notes])
+    import shlex
+    command = 'python -m experiments.benchmark ' + shlex.join(sys.argv[1:])
+    record = tables.provenance(command, cfg.config_hash(c), wall_time_s=round(time.time() - self.exp.started, 1),
+                               medians=self.medians, cpu_count=os.cpu_count(),
+                               load_average=[round(x, 2) for x in os.getloadavg()],
+                               torch=_torch_version())
+    self.table.write(self.exp.results_dir, record)
+    print(f'wrote {self.exp.results_dir}/table.md', flush=True)
+
+
+def _torch_version():
+  try:
+    import torch
+    return torch.__version__
+  except ImportError:
+    return None
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = runner.setup(config, validate)
+  Benchmark(runner.Experiment('benchmark', config, mesh)).run()
+
+
+if __name__ == '__main__':
+  app.run(main)

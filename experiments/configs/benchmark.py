@@ -1,0 +1,62 @@
+"""Benchmark: cnnjax against PyTorch eager, side-by-side members, chunks, compile cache, grain.
+
+  python -m experiments.benchmark --config=experiments/configs/benchmark.py[:smoke|default|paper]
+
+Table (results/benchmark/<preset>/table.md): rows = measurements, columns = 'ms/step',
+'images/s', 'ratio' (and 's' for compile times), mean ± std over `repeats` timed repeats
+(each repeat times `chunk_steps` training steps after a warm-up). Measured on the machine that
+runs it: (1) train-step throughput of cnnjax vs a PyTorch eager model of the same architecture,
+batch and optimizer (Adam); (2) M members in one program (vmap, unroll) vs M sequential calls;
+(3) a device-resident chunk of k unrolled steps vs a Python loop of jitted steps vs a rolled
+lax.scan; (4) cold vs warm compile with the persistent compilation cache (fresh subprocesses);
+(5) grain loader images/s vs what the digit-CNN step consumes. `paper` adds ResNet-50 at 224x224
+and, on an accelerator, bf16 images/s and MFU (XLA's flops per step / (step time x peak_flops)).
+PyTorch is the `bench` extra (pip install torch==2.13.0); without it the torch rows are skipped.
+"""
+
+import ml_collections
+
+from cnnjax.config import base_config
+
+
+def get_config(preset=''):
+  config = base_config('benchmark', preset)
+  config.seeds = 1                      # not used: members are set by `members`
+  config.models = ('digit_cnn', 'resnet20_cifar')
+  # Batch per model (ResNet-50 at 224x224 only in `paper`: minutes per step on 2 CPU cores).
+  config.batch_sizes = ml_collections.ConfigDict({'digit_cnn': 128, 'resnet20_cifar': 128, 'resnet50': 32})
+  config.learning_rate = 1e-3           # Adam on both sides
+  config.chunk_steps = 10               # k: steps per timed repeat, unrolled in one program
+  config.throughput_chunk_steps = 10    # steps unrolled per call in the cnnjax-vs-torch rows (digit CNN)
+  config.large_chunk_steps = 2          # ... for the larger models (compile time grows with k)
+  config.repeats = 5                    # timed repeats per measurement (after one warm-up call)
+  config.members = (1, 2, 5)
+  config.member_modes = ('vmap', 'unroll', 'sequential')
+  config.member_chunk_steps = 1         # steps per member call (unrolling M x k steps compiles slowly)
+  config.split_size = 1024              # synthetic device-resident examples the batches are drawn from
+  config.torch = True                   # the PyTorch eager rows (skipped when torch is missing)
+  config.compile = True                 # cold vs warm compile in fresh subprocesses
+  config.grain_dataset = 'mnist_5k'
+  config.grain_batches = 40             # timed grain batches per repeat
+  config.bf16 = False                   # bf16 images/s rows (accelerators only)
+  config.peak_flops = 0.0               # peak FLOP/s of one device for MFU (0 = no MFU rows)
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  config.wandb.mode = 'disabled'
+
+  if config.preset == 'smoke':
+    config.models = ('digit_cnn',)
+    config.batch_sizes.digit_cnn = 32
+    config.chunk_steps = 2
+    config.throughput_chunk_steps = 2
+    config.repeats = 2
+    config.members = (2,)
+    config.split_size = 128
+    config.grain_batches = 5
+    config.progress = False
+  elif config.preset == 'paper':
+    config.models = ('digit_cnn', 'resnet20_cifar', 'resnet50')
+    config.repeats = 10
+    config.bf16 = True
+    config.peak_flops = 989e12          # H100 SXM dense bf16; set to the device's peak
+  return config

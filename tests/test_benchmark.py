@@ -1,0 +1,71 @@
+"""The benchmark's smoke preset runs as the command line runs it and writes a long-form table of
+positive numbers with provenance. No timing assertions: speed targets live in the benchmark."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnjax.errors import ConfigError
+from experiments import benchmark
+from experiments.configs.benchmark import get_config
+
+REPO = Path(__file__).resolve().parents[1]
+CSV_HEADER = 'experiment,preset,row,column,mean,std,n'
+
+
+def test_smoke_preset_writes_table(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp_path / 'mpl'), WANDB_MODE='disabled')
+  args = [sys.executable, '-m', 'experiments.benchmark', '--config=experiments/configs/benchmark.py:smoke',
+          f'--config.workdir={tmp_path / "work"}', f'--config.results_dir={tmp_path / "results"}',
+          f'--config.compile_cache={tmp_path / "jax-cache"}']
+  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, f'--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
+  out = tmp_path / 'results' / 'benchmark' / 'smoke'
+  for name in ('table.md', 'table.tex', 'table.csv', 'provenance.json'):
+    assert (out / name).is_file(), name
+  text = (out / 'table.csv').read_text()
+  assert text.splitlines()[0] == CSV_HEADER
+  rows = list(csv.DictReader(io.StringIO(text)))
+  assert rows and {r['experiment'] for r in rows} == {'benchmark'} and {r['preset'] for r in rows} == {'smoke'}
+  for r in rows:
+    assert float(r['mean']) > 0 and int(r['n']) >= 1, r
+  measured = {r['row'] for r in rows}
+  for row in ('digit_cnn cnnjax', 'digit_cnn M=2 vmap', 'digit_cnn M=2 unroll', 'digit_cnn M=2 sequential',
+              'digit_cnn lax.scan over 2 steps', 'digit_cnn compile warm / cold s', 'grain mnist_5k loader'):
+    assert row in measured, (row, sorted(measured))
+  if benchmark.torch_available():
+    assert 'digit_cnn cnnjax / torch images/s' in measured
+  else:
+    assert 'torch is not installed' in done.stdout
+  record = json.loads((out / 'provenance.json').read_text())
+  assert record['experiment'] == 'benchmark' and record['medians'] and record['command'].startswith(
+      'python -m experiments.benchmark')
+
+
+def test_validation_names_the_key():
+  config = get_config('smoke')
+  config.models = ('alexnet_nope',)
+  with pytest.raises(ConfigError, match='models'):
+    benchmark.validate(config)
+  config = get_config('smoke')
+  config.members = (0,)
+  with pytest.raises(ConfigError, match='members'):
+    benchmark.validate(config)
+
+
+def test_torch_twins_match_parameter_counts():
+  torch = pytest.importorskip('torch')
+  from cnnjax import models
+  for name in ('digit_cnn', 'resnet20_cifar', 'resnet50'):
+    size, channels = benchmark.INPUTS[name]
+    ours = models.count_params(name, num_classes=benchmark.NUM_CLASSES, channels=channels)
+    twin = benchmark.torch_model(name)
+    theirs = sum(p.numel() for p in twin.parameters())
+    assert theirs == ours, (name, theirs, ours)
+  assert twin(torch.zeros(1, 3, 64, 64)).shape == (1, benchmark.NUM_CLASSES)
