@@ -33,7 +33,7 @@ list_experiments() {
   for config in experiments/configs/*.py; do
     [[ -e $config ]] || continue
     name=$(basename "$config" .py)
-    [[ $name == __init__ ]] && continue
+    [[ $name == __init__ || $name == benchmark ]] && continue  # the benchmark runs alone: ./run.sh benchmark
     [[ -f experiments/$name.py ]] && echo "$name"
   done
   return 0

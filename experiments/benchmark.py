@@ -33,7 +33,6 @@ from cnnjax.tables import Table
 from cnnjax.train import sharding, state as train_state, steps
 from experiments import runner
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/benchmark.py', lock_config=True)
 
 INPUTS = {'digit_cnn': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
 NUM_CLASSES = 10
@@ -431,12 +430,11 @@ def _torch_version():
     return None
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def main(config):
   mesh = runner.setup(config, validate)
   Benchmark(runner.Experiment('benchmark', config, mesh)).run()
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == '__main__':  # flags only for the command line: importing this module defines none
+  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/benchmark.py', lock_config=True)
+  app.run(lambda argv: main(CONFIG.value))

@@ -24,7 +24,6 @@ from cnnjax.train import loop, sharding, state as train_state, steps
 from cnnjax.train.checkpoint import Checkpoints
 from experiments import runner
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/transfer.py', lock_config=True)
 
 
 def validate(config):
@@ -265,12 +264,11 @@ class Transfer:
     self.exp.write_table(table, curves, side_by_side=steps.member_mode(c.side_by_side))
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def main(config):
   mesh = runner.setup(config, validate)
   Transfer(runner.Experiment('transfer', config, mesh)).run()
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == '__main__':  # flags only for the command line: importing this module defines none
+  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/transfer.py', lock_config=True)
+  app.run(lambda argv: main(CONFIG.value))

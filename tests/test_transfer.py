@@ -171,11 +171,13 @@ PAPER_ON_MOCK_DATA = textwrap.dedent('''
     import sys
     import tensorflow_datasets as tfds
     from absl import app
+    from ml_collections import config_flags
     from experiments import transfer
 
     sys.argv = ['experiments.transfer', *sys.argv[1:]]
+    CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
-      app.run(transfer.main)
+      app.run(lambda argv: transfer.main(CONFIG.value))
 ''')
 
 # The paper's model, data, targets and methods; only sizes shrink: one seed, one step per phase in
