@@ -147,7 +147,7 @@ class Experiment:
 def cell_lock(cell_dir, wait):
   """An exclusive flock on `<cell_dir>/.lock`; yields whether it is held (always, when `wait`)."""
   cell_dir.mkdir(parents=True, exist_ok=True)
-  with open(cell_dir / '.lock', 'w') as lock:
+  with open(cell_dir / '.lock', 'a') as lock:  # 'a': creating it once, never touching it again
     try:
       fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -150,7 +150,8 @@ class Transfer:
   def pretrain_cell(self):
     c = self.config
     return runner.Cell('pretrain', c.source, dict(
-        source=c.source, model=c.model, image_size=c.image_size, seeds=self.seeds, **c.pretrain.to_dict()))
+        source=c.source, model=c.model, image_size=c.image_size, seeds=self.seeds, fit_size=c.fit_size,
+        dtype=c.compute_dtype, **c.pretrain.to_dict()))
 
   def pretrain_states(self):
     c = self.config.pretrain
@@ -184,7 +185,8 @@ class Transfer:
     column = column if len(c.targets) == 1 else f'{target} {column}'
     return runner.Cell(method, column, dict(
         method=method, target=target, labels_per_class=per_class, seeds=self.seeds, model=c.model,
-        pretrain=pretrain_cell.hash, **c.finetune.to_dict(), **(c.l2sp.to_dict() if method == 'l2sp' else {})))
+        fit_size=c.fit_size, dtype=c.compute_dtype, pretrain=pretrain_cell.hash, **c.finetune.to_dict(),
+        **(c.l2sp.to_dict() if method == 'l2sp' else {})))
 
   def run_transfer(self, cell, cell_dir, backbones):
     c, cc = self.config.finetune, cell.config
