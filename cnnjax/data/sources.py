@@ -29,6 +29,8 @@ DATASETS = Registry('dataset')
 """Embedded dataset name -> its builder folder under `datasets/`."""
 DATASETS.register('mnist_5k')('mnist_5k')
 DATASETS.register('sklearn_digits')('sklearn_digits')
+DATASETS.register('syn_digits')('syn_digits')
+DATASETS.register('mnist_m_5k')('mnist_m_5k')
 
 CATALOG = (
     'mnist', 'fashion_mnist', 'kmnist', 'emnist', 'mnist_corrupted', 'svhn_cropped', 'cifar10',
