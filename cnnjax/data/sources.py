@@ -29,6 +29,7 @@ DATASETS = Registry('dataset')
 """Embedded dataset name -> its builder folder under `datasets/`."""
 DATASETS.register('mnist_5k')('mnist_5k')
 DATASETS.register('sklearn_digits')('sklearn_digits')
+DATASETS.register('kanji_glyphs')('kanji_glyphs')
 DATASETS.register('syn_digits')('syn_digits')
 DATASETS.register('mnist_m_5k')('mnist_m_5k')
 
@@ -48,7 +49,7 @@ def default_data_dir():
 def builder(name, data_dir=None):
   """The TFDS builder for `name`; an embedded dataset is built on first use, a catalog one is not."""
   data_dir = str(data_dir or default_data_dir())
-  if name in DATASETS:
+  if name.partition('/')[0] in DATASETS:  # 'kanji_glyphs' or 'kanji_glyphs/small' (a builder config)
     return _prepared_embedded(name, data_dir)
   return _catalog_builder(name, data_dir)
 
@@ -95,12 +96,14 @@ def image_shape(name, data_dir=None):
 
 def _prepared_embedded(name, data_dir):
   """The embedded builder, prepared as array_record; a file lock keeps two processes from racing."""
+  name, _, config = name.partition('/')
   module = _import_builder(DATASETS.get(name, 'dataset'))
-  b = module.Builder(data_dir=data_dir)
+  options = {'config': config} if config else {}
+  b = module.Builder(data_dir=data_dir, **options)
   if b.is_prepared():
     return b
-  with _file_lock(Path(data_dir) / f'.{name}.lock'):
-    b = module.Builder(data_dir=data_dir)  # Re-read: another process may have built it meanwhile.
+  with _file_lock(Path(data_dir) / f'.{name}{"-" + config if config else ""}.lock'):
+    b = module.Builder(data_dir=data_dir, **options)  # Re-read: another process may have built it meanwhile.
     b.download_and_prepare(file_format='array_record')
   return b
 
