@@ -19,7 +19,7 @@ PRESETS = ('smoke', 'default', 'paper')
 
 # Keys that change where or how a run is logged, not what it computes: left out of the hash.
 UNHASHED_KEYS = ('workdir', 'results_dir', 'data_dir', 'compile_cache', 'wandb', 'progress', 'side_by_side',
-                 'distributed')
+                 'distributed', 'fsdp')
 
 
 def preset_name(preset):
@@ -102,6 +102,7 @@ def base_config(experiment, preset):
   config.checkpoint_every = 100           # steps between checkpoints (and at the end)
   config.compute_dtype = 'float32'        # bfloat16 on accelerators: bf16 compute, f32 params and optimizer
   config.side_by_side = 'auto'            # seeds in one program: auto | vmap | unroll | sequential
+  config.fsdp = False                     # shard parameters and optimizer state over the devices (large models)
   config.compile_cache = '~/.cache/cnnjax/jax'  # persistent XLA compile cache ('' = off)
   config.progress = True
   config.wandb = ml_collections.ConfigDict({'project': 'cnnjax', 'mode': 'auto'})
@@ -127,3 +128,4 @@ def validate_base(config):
   check_choice(config, 'compute_dtype', ('float32', 'bfloat16', 'float16'))
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
   check_type(config, 'distributed.enabled', bool)
+  check_type(config, 'fsdp', bool)

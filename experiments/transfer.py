@@ -122,8 +122,9 @@ def device_batch_size(wanted, n):
   return max(devices, min(wanted, n) // devices * devices)
 
 
-def init_states(models_, tx, seeds, mesh):
-  return sharding.replicate(train_state.stack([train_state.create(m, tx, s) for m, s in zip(models_, seeds)]), mesh)
+def init_states(models_, tx, seeds, exp):
+  states = train_state.stack([train_state.create(m, tx, s) for m, s in zip(models_, seeds)])
+  return sharding.place_state(states, exp.mesh, exp.config.fsdp)
 
 
 class Transfer:
@@ -158,7 +159,7 @@ class Transfer:
     num_classes = int(self.source['train']['label'].max()) + 1
     source_models = [self.build(num_classes, s) for s in self.seeds]
     tx = optax.adam(c.learning_rate)
-    return source_models[0], tx, init_states(source_models, tx, self.seeds, self.exp.mesh)
+    return source_models[0], tx, init_states(source_models, tx, self.seeds, self.exp)
 
   def run_pretrain(self, cell, cell_dir):
     c = self.config.pretrain
@@ -208,7 +209,7 @@ class Transfer:
     programs = Programs(self.exp, target_models[0], tx, with_frozen_norms(cross_entropy, trainable), batch_size)
     train = Programs.source(splits['train'], subsets, self.exp.mesh)
     test = sharding.replicate(splits['test'], self.exp.mesh)
-    states = init_states(target_models, tx, self.seeds, self.exp.mesh)
+    states = init_states(target_models, tx, self.seeds, self.exp)
     _, results = self.exp.train(cell, cell_dir, states, train, chunk_fn=programs.chunk, total_steps=c.steps,
                                 evaluate=lambda s: programs.evaluate(s, test))
     return {'accuracy': (100 * results['accuracy']).tolist()}

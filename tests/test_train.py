@@ -189,8 +189,9 @@ EIGHT_DEVICES = textwrap.dedent('''
     tx = optax.adam(1e-2)
     step = steps.make_train_step(train_state.split_model(model)[0], tx, cross_entropy)
 
-    def train(devices):
-      """The transfer experiment's path: replicated state and data, device_batch + shard_batch."""
+    def train(devices, fsdp=False):
+      """The transfer experiment's path: replicated (or FSDP) state, replicated data,
+      device_batch + shard_batch."""
       mesh = sharding.make_mesh(devices)
       seen = []
       def batch_fn(source, state):
@@ -198,7 +199,7 @@ EIGHT_DEVICES = textwrap.dedent('''
         jax.debug.inspect_array_sharding(batch['image'], callback=seen.append)
         return batch
       chunk = steps.over_members(steps.make_chunk(step, batch_fn, CHUNK), 'unroll')
-      states = sharding.replicate(train_state.stack([train_state.create(model, tx, 0)]), mesh)
+      states = sharding.place_state(train_state.stack([train_state.create(model, tx, 0)]), mesh, fsdp, min_size=64)
       source = sharding.replicate(train_state.stack([split]), mesh)
       losses = []
       for _ in range(CHUNKS):
@@ -210,9 +211,13 @@ EIGHT_DEVICES = textwrap.dedent('''
                   batch_devices=len(seen[0].device_set),
                   batch_shard_shape=list(seen[0].shard_shape((BATCH, SIZE, SIZE, 1))),
                   params_replicated=all(p.sharding.is_fully_replicated for p in params),
-                  params_devices=len(params[0].sharding.device_set))
+                  params_devices=len(params[0].sharding.device_set),
+                  sharded_params=sum(p.size for p in params if not p.sharding.is_fully_replicated),
+                  sharded_moments=sum(x.size for x in jax.tree.leaves(states.opt_state)
+                                      if not x.sharding.is_fully_replicated),
+                  all_params=sum(p.size for p in params))
 
-    print('RESULT ' + json.dumps({'eight': train(8), 'one': train(1)}))
+    print('RESULT ' + json.dumps({'eight': train(8), 'fsdp': train(8, fsdp=True), 'one': train(1)}))
 ''')
 
 
@@ -225,7 +230,7 @@ def test_eight_devices_equal_one(tmp_path):
   assert done.returncode == 0, done.stderr[-4000:]
   line = next(l for l in done.stdout.splitlines() if l.startswith('RESULT '))
   runs = json.loads(line[len('RESULT '):])
-  eight, one = runs['eight'], runs['one']
+  eight, fsdp, one = runs['eight'], runs['fsdp'], runs['one']
   # The 8-device run split every batch 8 ways and kept the state replicated on all 8.
   assert eight['batch_devices'] == 8 and eight['batch_shard_shape'] == [2, SIZE, SIZE, 1]
   assert eight['params_replicated'] and eight['params_devices'] == 8
@@ -234,6 +239,12 @@ def test_eight_devices_equal_one(tmp_path):
   np.testing.assert_allclose(eight['losses'], one['losses'], **TOL)
   assert len(eight['params']) == len(one['params']) > 0
   for a, b in zip(eight['params'], one['params']):
+    np.testing.assert_allclose(np.array(a), np.array(b), **TOL)
+  # FSDP: most parameters and Adam moments stay split over the 8 devices through training, and
+  # the run equals the replicated one.
+  assert fsdp['sharded_params'] > 0.9 * fsdp['all_params'] and fsdp['sharded_moments'] > 0
+  np.testing.assert_allclose(fsdp['losses'], one['losses'], **TOL)
+  for a, b in zip(fsdp['params'], one['params']):
     np.testing.assert_allclose(np.array(a), np.array(b), **TOL)
 
 

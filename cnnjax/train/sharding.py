@@ -1,9 +1,11 @@
 """Data parallelism over a device mesh with one `data` axis (no pmap).
 
-Batches are split over the `data` axis; parameters, optimizer state and small
-device-resident datasets are replicated. Under `jit`, XLA's SPMD partitioner turns
-the global program into per-device programs with the needed all-reduces, so a run
-on 8 devices computes what the same global batch computes on one.
+Batches are split over the `data` axis; small device-resident datasets are replicated, and so
+are parameters and optimizer state, or, with FSDP (fully sharded data parallelism; ZeRO-3,
+Rajbhandari et al. 2020), split over the same axis. Under `jit`, XLA's SPMD partitioner turns
+the global program into per-device programs with the needed all-reduces (and, with FSDP,
+all-gathers of the weights), so a run on 8 devices computes what the same global batch
+computes on one.
 """
 
 import jax
@@ -36,6 +38,25 @@ def replicated(mesh):
 def replicate(tree, mesh):
   """Put every array of `tree` on every device of `mesh`."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def fsdp_sharding(shape, mesh, skip=1, min_size=2 ** 14):
+  """The sharding of one FSDP array: its largest axis that the `data` axis divides, after `skip`
+  leading (member) axes; arrays under `min_size` elements, or with no such axis, stay replicated."""
+  n = mesh.shape['data']
+  axes = [a for a in range(skip, len(shape)) if shape[a] % n == 0]
+  if n == 1 or not axes or np.prod(shape) < min_size:
+    return replicated(mesh)
+  axis = max(axes, key=lambda a: shape[a])
+  return NamedSharding(mesh, P(*[None] * axis, 'data'))
+
+
+def place_state(states, mesh, fsdp=False, min_size=2 ** 14):
+  """Stacked train states on `mesh`: replicated, or with FSDP every array of at least `min_size`
+  elements (parameters, optimizer moments) split over the `data` axis."""
+  if not fsdp:
+    return replicate(states, mesh)
+  return jax.tree.map(lambda x: jax.device_put(x, fsdp_sharding(np.shape(x), mesh, min_size=min_size)), states)
 
 
 def shard_batch(batch, mesh):
