@@ -1,5 +1,7 @@
 """One process of tests/test_distributed.py: trains a few steps on a global batch over every
-device of every process and prints the losses as JSON (run as a script, not collected by pytest).
+device of every process, once from a replicated device-resident split and once from grain batches
+that each process reads for itself and that become global arrays, and prints the losses as JSON
+(run as a script, not collected by pytest).
 
 usage: distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS CHECKPOINT_DIR
 """
@@ -38,10 +40,20 @@ losses = []
 for _ in range(3):
   states, metrics = chunk(states, source)
   losses += np.asarray(metrics['loss'].addressable_data(0)).ravel().tolist()
+# Streaming input: each process reads its block of every global batch with grain.
+examples = [{'image': image, 'label': label} for image, label in zip(split['image'], split['label'])]
+batches = data.grain_batches(examples, global_batch_size=16, seed=0)
+stream_step = jax.jit(step, donate_argnums=0)
+state = sharding.replicate(train_state.create(model, tx, 0), mesh)
+stream_losses = []
+for _ in range(4):
+  state, metrics = stream_step(state, sharding.global_batch(next(batches), mesh))
+  stream_losses.append(float(metrics['loss'].addressable_data(0)))
 with Checkpoints(checkpoint_dir) as checkpoints:
   checkpoints.save(6, states)
 with Checkpoints(checkpoint_dir) as checkpoints:
   restored = checkpoints.restore(states)
 same = all(np.array_equal(a.addressable_data(0), b.addressable_data(0))
            for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states)))
-print('RESULT', json.dumps({'devices': jax.device_count(), 'losses': losses, 'restored': same}), flush=True)
+print('RESULT', json.dumps({'devices': jax.device_count(), 'losses': losses, 'restored': same,
+                                  'stream_losses': stream_losses}), flush=True)

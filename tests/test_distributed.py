@@ -1,5 +1,6 @@
 """Two local CPU processes (4 virtual devices each, gloo collectives) train like one process with
-the same global batch, and save and restore one checkpoint together."""
+the same global batch (device-resident or streamed by grain per process), and save and restore
+one checkpoint together."""
 
 import json
 import os
@@ -40,4 +41,6 @@ def test_two_processes_equal_one(tmp_path):
   assert first['devices'] == second['devices'] == single['devices'] == 8
   np.testing.assert_allclose(first['losses'], single['losses'], rtol=1e-5)
   assert first['losses'] == second['losses']
+  np.testing.assert_allclose(first['stream_losses'], single['stream_losses'], rtol=1e-5)
+  assert first['stream_losses'] == second['stream_losses']
   assert first['restored'] and second['restored']
