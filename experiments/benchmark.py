@@ -195,20 +195,23 @@ def torch_model(name):
 
 
 def torch_seconds(config, name):
-  """Seconds per repeat of `chunk_steps` PyTorch eager Adam steps of the twin model."""
+  """Seconds per repeat of `chunk_steps` PyTorch eager Adam steps of the twin model, on the GPU
+  when JAX runs on one and torch sees it, else on the CPU."""
   import torch
   torch.manual_seed(0)
+  device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   size, channels = INPUTS[name]
   batch = config.batch_sizes[name]
-  model = torch_model(name).train()
+  model = torch_model(name).to(device).train()
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
   generator = torch.Generator().manual_seed(0)
-  images = torch.randint(0, 256, (config.split_size, channels, size, size), dtype=torch.uint8, generator=generator)
-  labels = torch.randint(0, NUM_CLASSES, (config.split_size,), generator=generator)
+  images = torch.randint(0, 256, (config.split_size, channels, size, size), dtype=torch.uint8,
+                         generator=generator).to(device)
+  labels = torch.randint(0, NUM_CLASSES, (config.split_size,), generator=generator).to(device)
 
   def train_steps(k):
     for _ in range(k):
-      index = torch.randint(0, config.split_size, (batch,), generator=generator)
+      index = torch.randint(0, config.split_size, (batch,), generator=generator).to(device)
       x, y = images[index].float() / 255.0, labels[index]
       optimizer.zero_grad(set_to_none=True)
       loss = torch.nn.functional.cross_entropy(model(x), y)
