@@ -48,7 +48,7 @@ def get_config(preset=''):
   if config.preset == 'smoke':
     config.seeds = 2
     config.shifts = ['mnist_5k->mnist_m_5k', 'mnist_5k->sklearn_digits']
-    config.methods = ['source_only', 'dann', 'cdan_e']
+    config.methods = ['source_only', 'cdan_e']
     config.train.steps = 8
     config.train.batch_size = 16
     config.eval_every = 4
