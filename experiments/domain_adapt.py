@@ -74,9 +74,8 @@ def validate(config):
   cfg.check_positive(config, 'adaptation.mmd_kernels')
   cfg.check_positive(config, 'adaptation.discriminator_width')
   cfg.check_choice(config, 'channels', (0, 1, 3))
-  if config.image_size < 0 or not 0 < config.fit_size <= max(config.image_size, config.fit_size):
-    raise cfg.ConfigError('fit_size', config.fit_size, f'1..image_size ({config.image_size}); image_size >= 0')
-  if config.image_size and config.fit_size > config.image_size:
+  cfg.check_positive(config, 'image_size', allow_zero=True)
+  if not 0 < config.fit_size <= (config.image_size or config.fit_size):
     raise cfg.ConfigError('fit_size', config.fit_size, f'1..image_size ({config.image_size})')
   cfg.check_batch_fits_devices(config, 'train.batch_size')
   cfg.check_batch_fits_devices(config, 'eval_batch_size')
@@ -341,7 +340,8 @@ class DomainAdapt:
         f'{c.eval_every} steps, each seed reports the one with the best accuracy on {c.validation_fraction:.0%} '
         'of the source training split held out (the oracle: of its target training split). Hyper-parameters are '
         'the papers\' and were fixed in advance; no choice used target labels, and the target test split was read '
-        'only for this table. target_oracle trains on labelled target images: an upper bound.'), digits=1)
+        'only for this table. target_oracle trains on labelled target images: an upper bound (its source column '
+        'is the reverse shift). A run whose loss turns NaN stops and its cell shows as failed.'), digits=1)
     table.caption += self.expectation(cells, results, c.shifts)
     for cell in cells:
       result = results[cell]

@@ -69,7 +69,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 def test_validate_rejects_bad_values():
   for key, value in (('shifts', ('mnist_5k',)), ('shifts', ('mnist_5k->nope',)), ('methods', ('nope',)),
-                     ('validation_fraction', 0.0), ('channels', 2), ('train.steps', 0), ('eval_every', -4)):
+                     ('validation_fraction', 0.0), ('channels', 2), ('train.steps', 0), ('eval_every', -4), ('fit_size', 30)):
     config = get_config('smoke')
     parent, _, leaf = key.rpartition('.')
     (config[parent] if parent else config)[leaf] = value

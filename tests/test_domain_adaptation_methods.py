@@ -59,6 +59,10 @@ def test_mmd_is_zero_for_identical_samples_and_grows_with_mean_shift():
   assert losses == sorted(losses)
   assert losses[0] < 0.1 * losses[-1]
   assert all(np.isfinite(jax.grad(lambda y: da.mmd_loss(x, y))(sample(1, shift=1.0))).ravel())
+  # Collapsed features (every distance 0, as dead ReLUs give) stay finite, value and gradient.
+  zeros = jnp.zeros((8, 4))
+  assert float(da.mmd_loss(zeros, zeros)) == 0.0
+  assert np.isfinite(jax.grad(lambda y: da.mmd_loss(zeros, y))(zeros)).all()
 
 
 # CDAN -----------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def mmd_bandwidths(source, target, multiplier=2.0, kernels=5):
   of two). Constants: no gradient flows into the bandwidths."""
   pooled = jax.lax.stop_gradient(jnp.concatenate([source, target]))
   n = pooled.shape[0]
-  mean_distance = squared_distances(pooled, pooled).sum() / (n * n - n)
+  # Floored: features that collapsed to one point (all distances 0) would otherwise give 0 / 0.
+  mean_distance = jnp.maximum(squared_distances(pooled, pooled).sum() / (n * n - n), 1e-12)
   powers = jnp.arange(kernels) - kernels // 2
   return mean_distance * multiplier ** powers
 

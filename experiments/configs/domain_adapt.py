@@ -49,6 +49,7 @@ def get_config(preset=''):
     config.seeds = 2
     config.shifts = ['mnist_5k->mnist_m_5k', 'mnist_5k->sklearn_digits']
     config.methods = ['source_only', 'cdan_e']
+    config.figure_method = 'cdan_e'
     config.train.steps = 8
     config.train.batch_size = 16
     config.eval_every = 4
