@@ -56,7 +56,7 @@ def test_smoke_preset_end_to_end(tmp_path):
   assert json.loads((out / 'provenance.json').read_text())['preset'] == 'smoke'
   # The reported numbers are those of the evaluation with the best source-validation accuracy.
   work = tmp_path / 'work' / 'domain_adapt' / 'smoke'
-  cell = next(p for p in work.iterdir() if p.name.startswith('dann--'))
+  cell = next(p for p in work.iterdir() if p.name.startswith('cdan_e--'))
   result = json.loads((cell / 'result.json').read_text())
   for seed, step in enumerate(result['step']):
     records = [json.loads(line) for line in (cell / f'seed_{seed}' / 'metrics.jsonl').read_text().splitlines()]
