@@ -12,7 +12,7 @@ from flax import nnx
 from cnnjax import metrics, models
 from cnnjax.errors import ConfigError
 from cnnjax.methods.transfer import path_str, startswith_any
-from cnnjax.models.cifar_resnet import CifarBackbone
+from cnnjax.models.cifar_resnet import cifar_backbone
 
 
 def abstract(name, **kwargs):
@@ -53,8 +53,8 @@ def test_cifar_resnet_depths_are_six_n_plus_two():
   with pytest.raises(ConfigError, match='resnet21_cifar'):
     models.build('resnet21_cifar', num_classes=10)
   with pytest.raises(ValueError, match=r'6n\+2.*21'):
-    nnx.eval_shape(lambda: CifarBackbone(21, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
-  backbone = nnx.eval_shape(lambda: CifarBackbone(8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
+    nnx.eval_shape(lambda: cifar_backbone(21, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
+  backbone = nnx.eval_shape(lambda: cifar_backbone(8, 3, rngs=nnx.Rngs(0), dtype=jnp.float32))
   assert [len(stage.blocks) for stage in backbone.stages] == [1, 1, 1]
 
 

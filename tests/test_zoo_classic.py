@@ -11,7 +11,7 @@ from flax import nnx
 from cnnjax import models
 from cnnjax.errors import ConfigError
 from cnnjax.models.alexnet import adaptive_avg_pool, max_pool3
-from cnnjax.models.resnet import ResNetBackbone
+from cnnjax.models.resnet import resnet_backbone
 from cnnjax.models.vgg import VGGBackbone
 from cnnjax.models.wide_resnet import wide_resnet
 
@@ -80,7 +80,7 @@ def test_configurations_that_do_not_exist_fail_clearly():
       models.build(name, num_classes=10)
   rngs = nnx.Rngs(0)
   with pytest.raises(ValueError, match=r'18, 34, 50, 101, 152.*26'):
-    nnx.eval_shape(lambda: ResNetBackbone(26, 3, rngs=rngs, dtype=jnp.float32))
+    nnx.eval_shape(lambda: resnet_backbone(26, 3, rngs=rngs, dtype=jnp.float32))
   with pytest.raises(ValueError, match=r'11, 13, 16, 19.*17'):
     nnx.eval_shape(lambda: VGGBackbone(17, 3, False, rngs=rngs, dtype=jnp.float32))
   with pytest.raises(ValueError, match=r'6n\+4.*27'):

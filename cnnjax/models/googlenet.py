@@ -9,11 +9,14 @@ average pooling and a linear head. No auxiliary classifiers and no dropout befor
 6,624,904 parameters at 1000 classes (torchvision: 6,624,904; the paper's BN-free net: ~6.8M).
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import Classifier, check_images, register
+from cnnjax.models.layers import Backbone, ConvBN
+from cnnjax.models.registry import Classifier, register
 
 # Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) per module.
 INCEPTION = {
@@ -25,21 +28,12 @@ INCEPTION = {
 }
 
 
+BasicConv = functools.partial(ConvBN, epsilon=1e-3)  # torchvision's BasicConv2d: conv, BN (eps 1e-3), ReLU
+
+
 def max_pool(x, size=3, stride=2):
   """Max pooling with 'same' padding (torchvision's ceil mode at the standard sizes)."""
   return nn.max_pool(x, (size, size), strides=(stride, stride), padding='SAME')
-
-
-class ConvBN(nnx.Module):
-  """torchvision's BasicConv2d: conv (no bias) -> batch norm (eps 1e-3) -> ReLU."""
-
-  def __init__(self, cin, cout, kernel, stride=1, *, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=kernel // 2, use_bias=False,
-                         dtype=dtype, rngs=rngs)
-    self.norm = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    return nnx.relu(self.norm(self.conv(x)))
 
 
 class Inception(nnx.Module):
@@ -47,10 +41,10 @@ class Inception(nnx.Module):
 
   def __init__(self, cin, c1, r3, c3, r5, c5, pool, *, rngs, dtype):
     kw = dict(rngs=rngs, dtype=dtype)
-    self.branch1 = ConvBN(cin, c1, 1, **kw)
-    self.branch3 = nnx.Sequential(ConvBN(cin, r3, 1, **kw), ConvBN(r3, c3, 3, **kw))
-    self.branch5 = nnx.Sequential(ConvBN(cin, r5, 1, **kw), ConvBN(r5, c5, 3, **kw))
-    self.branch_pool = ConvBN(cin, pool, 1, **kw)
+    self.branch1 = BasicConv(cin, c1, 1, **kw)
+    self.branch3 = nnx.Sequential(BasicConv(cin, r3, 1, **kw), BasicConv(r3, c3, 3, **kw))
+    self.branch5 = nnx.Sequential(BasicConv(cin, r5, 1, **kw), BasicConv(r5, c5, 3, **kw))
+    self.branch_pool = BasicConv(cin, pool, 1, **kw)
     self.features = c1 + c3 + c5 + pool
 
   def __call__(self, x):
@@ -80,33 +74,23 @@ class Stem(nnx.Module):
   """conv 7x7/2 64 -> max pool 3x3/2 -> conv 1x1 64 -> conv 3x3 192 -> max pool 3x3/2."""
 
   def __init__(self, channels, *, rngs, dtype):
-    self.conv1 = ConvBN(channels, 64, 7, 2, rngs=rngs, dtype=dtype)
-    self.conv2 = ConvBN(64, 64, 1, rngs=rngs, dtype=dtype)
-    self.conv3 = ConvBN(64, 192, 3, rngs=rngs, dtype=dtype)
+    self.conv1 = BasicConv(channels, 64, 7, 2, rngs=rngs, dtype=dtype)
+    self.conv2 = BasicConv(64, 64, 1, rngs=rngs, dtype=dtype)
+    self.conv3 = BasicConv(64, 192, 3, rngs=rngs, dtype=dtype)
 
   def __call__(self, x):
     x = max_pool(self.conv1(x))
     return max_pool(self.conv3(self.conv2(x)))
 
 
-class GoogLeNetBackbone(nnx.Module):
-
-  def __init__(self, channels, modules, *, rngs, dtype):
-    self.channels, self.dtype = channels, dtype
-    self.stem = Stem(channels, rngs=rngs, dtype=dtype)
-    stages, cin = [], 192
-    for names, pool, n in zip((('3a', '3b'), ('4a', '4b', '4c', '4d', '4e'), ('5a', '5b')), (False, True, True),
-                              modules):
-      stages.append(Stage(cin, names[:n], pool, rngs=rngs, dtype=dtype))
-      cin = stages[-1].features
-    self.stages, self.features = nnx.List(stages), cin
-
-  def __call__(self, x):
-    check_images(x, self.channels, 'googlenet')
-    x = self.stem(x.astype(self.dtype))
-    for stage in self.stages:
-      x = stage(x)
-    return x.mean(axis=(1, 2))
+def googlenet_backbone(channels, modules, *, rngs, dtype):
+  """The stem, then stages 3, 4 and 5 with their first `modules` Inception modules, pooled."""
+  stages, cin = [], 192
+  for names, pool, n in zip((('3a', '3b'), ('4a', '4b', '4c', '4d', '4e'), ('5a', '5b')), (False, True, True),
+                            modules):
+    stages.append(Stage(cin, names[:n], pool, rngs=rngs, dtype=dtype))
+    cin = stages[-1].features
+  return Backbone('googlenet', channels, Stem(channels, rngs=rngs, dtype=dtype), stages, cin, dtype=dtype)
 
 
 @register('googlenet', inputs=[(224, 224, 3)], small_inputs=[(32, 32, 3)], num_classes=1000,
@@ -116,5 +100,5 @@ def googlenet(*, num_classes, rngs, dtype=jnp.float32, channels=3, modules=(2, 5
 
   `modules`: the first 1-2, 1-5 and 1-2 Inception modules of stages 3, 4 and 5 (fewer for fast tests).
   """
-  backbone = GoogLeNetBackbone(channels, modules, rngs=rngs, dtype=dtype)
+  backbone = googlenet_backbone(channels, modules, rngs=rngs, dtype=dtype)
   return Classifier(backbone, backbone.features, num_classes, rngs=rngs, dtype=dtype)

@@ -16,7 +16,8 @@ Depthwise convolutions are grouped convolutions with one group per channel.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import Classifier, check_images, register
+from cnnjax.models.layers import Backbone, ConvBN, Sequence
+from cnnjax.models.registry import Classifier, register
 
 # v1, Table 1: (pointwise output channels, depthwise stride) of each separable layer.
 V1_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -32,47 +33,6 @@ def make_divisible(value, divisor=8):
   """Round a width to a multiple of 8, never below 90% of it (the reference implementation)."""
   rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
   return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-class ConvBN(nnx.Module):
-  """conv (no bias, `groups` groups) -> batch norm -> optional activation."""
-
-  def __init__(self, cin, cout, kernel, stride=1, groups=1, act=nnx.relu, *, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=kernel // 2,
-                         feature_group_count=groups, use_bias=False, dtype=dtype, rngs=rngs)
-    self.norm = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
-    self.act = act
-
-  def __call__(self, x):
-    x = self.norm(self.conv(x))
-    return self.act(x) if self.act else x
-
-
-class Sequence(nnx.Module):
-  """Blocks applied in order (a backbone stage)."""
-
-  def __init__(self, blocks):
-    self.blocks = nnx.List(blocks)
-
-  def __call__(self, x):
-    for block in self.blocks:
-      x = block(x)
-    return x
-
-
-class Backbone(nnx.Module):
-  """A stem, stages and global average pooling."""
-
-  def __init__(self, name, channels, stem, stages, features, *, dtype):
-    self.name, self.channels, self.dtype, self.features = name, channels, dtype, features
-    self.stem, self.stages = stem, nnx.List(stages)
-
-  def __call__(self, x):
-    check_images(x, self.channels, self.name)
-    x = self.stem(x.astype(self.dtype))
-    for stage in self.stages:
-      x = stage(x)
-    return x.mean(axis=(1, 2))
 
 
 # MobileNet v1 -------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ activated), global average pooling and the head: 11,172,170 parameters at 10 cla
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.registry import Classifier, check_images, register
+from cnnjax.models.layers import Backbone
+from cnnjax.models.registry import Classifier, register
 
 
 def bn_conv(cin, cout, stride, *, rngs, dtype):
@@ -49,27 +50,19 @@ class Stage(nnx.Module):
     return nnx.relu(self.norm(x)) if self.norm is not None else x
 
 
-class PreActBackbone(nnx.Module):
-  """A 3x3 stem conv, stages of (blocks, width, stride), global average pooling."""
-
-  def __init__(self, stem, stages, channels, name, *, rngs, dtype):
-    self.channels, self.name, self.dtype = channels, name, dtype
-    self.stem = nnx.Conv(channels, stem, (3, 3), padding=1, use_bias=False, dtype=dtype, rngs=rngs)
-    cins = (stem, *(width for _, width, _ in stages[:-1]))
-    self.stages = nnx.List([Stage(cin, width, n, stride, i == len(stages) - 1, rngs=rngs, dtype=dtype)
-                            for i, (cin, (n, width, stride)) in enumerate(zip(cins, stages))])
-
-  def __call__(self, x):
-    check_images(x, self.channels, self.name)
-    x = self.stem(x.astype(self.dtype))
-    for stage in self.stages:
-      x = stage(x)
-    return x.mean(axis=(1, 2))
+def preact_backbone(stem, layout, channels, name, *, rngs, dtype):
+  """A 3x3 stem conv of `stem` channels, stages of (blocks, width, stride), global average pooling."""
+  kw = dict(rngs=rngs, dtype=dtype)
+  cins = (stem, *(width for _, width, _ in layout[:-1]))
+  stages = [Stage(cin, width, n, stride, i == len(layout) - 1, **kw)
+            for i, (cin, (n, width, stride)) in enumerate(zip(cins, layout))]
+  stem_conv = nnx.Conv(channels, stem, (3, 3), padding=1, use_bias=False, **kw)
+  return Backbone(name, channels, stem_conv, stages, layout[-1][1], dtype=dtype)
 
 
 @register('preact_resnet18', inputs=[(32, 32, 3)], num_classes=10)
 def preact_resnet18(*, num_classes, rngs, dtype=jnp.float32, channels=3):
   """PreAct ResNet-18 for CIFAR (He et al. 2016b; 11.17M parameters at 10 classes)."""
   stages = ((2, 64, 1), (2, 128, 2), (2, 256, 2), (2, 512, 2))
-  backbone = PreActBackbone(64, stages, channels, 'preact_resnet18', rngs=rngs, dtype=dtype)
+  backbone = preact_backbone(64, stages, channels, 'preact_resnet18', rngs=rngs, dtype=dtype)
   return Classifier(backbone, 512, num_classes, rngs=rngs, dtype=dtype)

@@ -21,68 +21,15 @@ classifier and bilinear upsampling: 39,638,869 parameters at 21 classes (torchvi
 Both return float32 logits (B, H, W, num_classes) at the input's resolution.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import ConvBN
 from cnnjax.models.registry import check_images, register
+from cnnjax.models.resnet import WIDTHS, Bottleneck, Stem, stage
 
 BLOCKS = (3, 4, 6, 3)   # ResNet-50
-WIDTHS = (64, 128, 256, 512)
-EXPANSION = 4
-
-
-class ConvBN(nnx.Module):
-  """conv (no bias; dilation `rate`, 'same' padding) -> batch norm -> optional ReLU."""
-
-  def __init__(self, cin, cout, kernel, stride=1, rate=1, relu=True, *, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=rate * (kernel // 2),
-                         kernel_dilation=rate, use_bias=False, dtype=dtype, rngs=rngs)
-    self.norm = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
-    self.relu = relu
-
-  def __call__(self, x):
-    x = self.norm(self.conv(x))
-    return nnx.relu(x) if self.relu else x
-
-
-class Bottleneck(nnx.Module):
-  """1x1 -> 3x3 (strided or atrous) -> 1x1 to 4x width, plus the (projection) shortcut, ReLU."""
-
-  def __init__(self, cin, width, stride, rate, *, rngs, dtype):
-    kw = dict(rngs=rngs, dtype=dtype)
-    cout = width * EXPANSION
-    self.conv1 = ConvBN(cin, width, 1, **kw)
-    self.conv2 = ConvBN(width, width, 3, stride, rate, **kw)
-    self.conv3 = ConvBN(width, cout, 1, relu=False, **kw)
-    self.shortcut = ConvBN(cin, cout, 1, stride, relu=False, **kw) if stride != 1 or cin != cout else None
-
-  def __call__(self, x):
-    y = self.conv3(self.conv2(self.conv1(x)))
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
-
-
-class Stage(nnx.Module):
-
-  def __init__(self, cin, width, blocks, stride, rate, *, rngs, dtype):
-    self.blocks = nnx.List([Bottleneck(cin if i == 0 else width * EXPANSION, width, stride if i == 0 else 1, rate,
-                                       rngs=rngs, dtype=dtype) for i in range(blocks)])
-
-  def __call__(self, x):
-    for block in self.blocks:
-      x = block(x)
-    return x
-
-
-class Stem(nnx.Module):
-  """7x7/2 conv-BN-ReLU and 3x3/2 max pooling: 1/4 of the input."""
-
-  def __init__(self, channels, width, *, rngs, dtype):
-    self.conv = ConvBN(channels, width, 7, 2, rngs=rngs, dtype=dtype)
-
-  def __call__(self, x):
-    return nn.max_pool(self.conv(x), (3, 3), strides=(2, 2), padding='SAME')
 
 
 class DilatedResNet(nnx.Module):
@@ -95,11 +42,10 @@ class DilatedResNet(nnx.Module):
     strides = (1, 2, 2, 1) if output_stride == 16 else (1, 2, 1, 1)
     rates = (1, 1, 1, 2) if output_stride == 16 else (1, 1, 2, 4)
     self.stem = Stem(channels, width, rngs=rngs, dtype=dtype)
-    stages, cin = [], width
-    for w, n, s, r in zip(widths, blocks, strides, rates):
-      stages.append(Stage(cin, w, n, s, r, rngs=rngs, dtype=dtype))
-      cin = w * EXPANSION
-    self.stages, self.features = nnx.List(stages), cin
+    cins = (width, *(w * Bottleneck.expansion for w in widths[:-1]))
+    self.stages = nnx.List([stage(Bottleneck, cin, w, n, s, rate=r, rngs=rngs, dtype=dtype)
+                            for cin, w, n, s, r in zip(cins, widths, blocks, strides, rates)])
+    self.features = widths[-1] * Bottleneck.expansion
 
   def __call__(self, x):
     x = self.stem(x)

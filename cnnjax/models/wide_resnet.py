@@ -8,7 +8,7 @@ parameters at 10 classes (the paper's 36.5M). No dropout (the paper's dropout is
 
 import jax.numpy as jnp
 
-from cnnjax.models.preact_resnet import PreActBackbone
+from cnnjax.models.preact_resnet import preact_backbone
 from cnnjax.models.registry import Classifier, register
 
 
@@ -18,7 +18,7 @@ def wide_resnet(depth, width, *, num_classes, rngs, dtype=jnp.float32, channels=
     raise ValueError(f'wide ResNet depth must be 6n+4 (e.g. 16, 22, 28, 40), got {depth}')
   n = (depth - 4) // 6
   stages = ((n, 16 * width, 1), (n, 32 * width, 2), (n, 64 * width, 2))
-  backbone = PreActBackbone(16, stages, channels, f'wrn{depth}_{width}', rngs=rngs, dtype=dtype)
+  backbone = preact_backbone(16, stages, channels, f'wrn{depth}_{width}', rngs=rngs, dtype=dtype)
   return Classifier(backbone, 64 * width, num_classes, rngs=rngs, dtype=dtype)
 
 

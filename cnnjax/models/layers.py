@@ -1,0 +1,48 @@
+"""Building blocks that several model families share: conv-BN, a sequence of blocks, a pooled backbone."""
+
+from flax import nnx
+
+from cnnjax.models.registry import check_images
+
+
+class ConvBN(nnx.Module):
+  """A bias-free convolution with 'same' padding (`groups` groups, dilation `rate`), batch norm,
+  then `act` (None: linear). Batch norm as torchvision's: momentum 0.1 (0.9 in Flax's convention)."""
+
+  def __init__(self, cin, cout, kernel, stride=1, *, groups=1, rate=1, act=nnx.relu, epsilon=1e-5, rngs, dtype):
+    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=rate * (kernel // 2),
+                         kernel_dilation=rate, feature_group_count=groups, use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm = nnx.BatchNorm(cout, epsilon=epsilon, momentum=0.9, dtype=dtype, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    x = self.norm(self.conv(x))
+    return self.act(x) if self.act else x
+
+
+class Sequence(nnx.Module):
+  """Blocks applied in order (a backbone stage)."""
+
+  def __init__(self, blocks):
+    self.blocks = nnx.List(blocks)
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+class Backbone(nnx.Module):
+  """Checks the input, casts it to the compute dtype, runs a stem and stages, and pools globally:
+  the `features`-wide vectors a `Classifier` head reads. Transfer recipes address `stages`."""
+
+  def __init__(self, name, channels, stem, stages, features, *, dtype):
+    self.name, self.channels, self.dtype, self.features = name, channels, dtype, features
+    self.stem, self.stages = stem, nnx.List(stages)
+
+  def __call__(self, x):
+    check_images(x, self.channels, self.name)
+    x = self.stem(x.astype(self.dtype))
+    for stage in self.stages:
+      x = stage(x)
+    return x.mean(axis=(1, 2))
