@@ -11,7 +11,7 @@ import os
 import sys
 
 process_id, num_processes, port, devices, checkpoint_dir = sys.argv[1:6]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

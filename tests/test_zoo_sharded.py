@@ -44,7 +44,8 @@ SHARDED = textwrap.dedent('''
 
 
 def test_representative_models_sharded_over_eight_devices_equal_one():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags.strip())
   done = subprocess.run([sys.executable, '-c', SHARDED, *MODELS], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-4000:]
