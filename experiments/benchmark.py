@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
-from ml_collections import config_flags
 
 from cnnjax import config as cfg
 from cnnjax import data, models, tables
@@ -438,6 +436,5 @@ def main(config):
   Benchmark(runner.Experiment('benchmark', config, mesh)).run()
 
 
-if __name__ == '__main__':  # flags only for the command line: importing this module defines none
-  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/benchmark.py', lock_config=True)
-  app.run(lambda argv: main(CONFIG.value))
+if __name__ == '__main__':
+  runner.command_line('benchmark', main)

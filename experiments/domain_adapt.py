@@ -15,9 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app
 from flax import nnx
-from ml_collections import config_flags
 
 from cnnjax import config as cfg
 from cnnjax import data, metrics, models, tracking
@@ -275,8 +273,8 @@ class DomainAdapt:
     chunk, evaluate, features = self.program(method)
     pair, evaluation, sizes = self.device_data(cc['shift'], oracle)
     tx = self.optimizer()
-    states = sharding.replicate(train_state.stack(
-        [train_state.create(self.build(method, s), tx, s) for s in self.seeds]), self.exp.mesh)
+    states = sharding.place_state(train_state.stack(
+        [train_state.create(self.build(method, s), tx, s) for s in self.seeds]), self.exp.mesh, c.fsdp)
 
     def evaluate_parts(states):
       classifier = states.replace(params=states.params['classifier'], model_state=states.model_state['classifier'],
@@ -417,6 +415,5 @@ def main(config):
   DomainAdapt(runner.Experiment('domain_adapt', config, mesh)).run()
 
 
-if __name__ == '__main__':  # flags only for the command line: importing this module defines none
-  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/domain_adapt.py', lock_config=True)
-  app.run(lambda argv: main(CONFIG.value))
+if __name__ == '__main__':
+  runner.command_line('domain_adapt', main)

@@ -183,3 +183,13 @@ def setup(config, validate):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   return sharding.make_mesh()
+
+
+def command_line(experiment, main):
+  """Run `main(config)` as `python -m experiments.<experiment> --config=experiments/configs/<experiment>.py[:preset]`
+  (plus --config.KEY=VALUE overrides). The --config flag is defined here, when a module runs as a
+  command, so importing several experiments defines no flags."""
+  from absl import app
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file('config', f'experiments/configs/{experiment}.py', lock_config=True)
+  app.run(lambda argv: main(config.value))

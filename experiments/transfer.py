@@ -9,9 +9,7 @@ Presets, command and table: experiments/configs/transfer.py.
 import jax
 import numpy as np
 import optax
-from absl import app
 from flax import nnx
-from ml_collections import config_flags
 
 from cnnjax import config as cfg
 from cnnjax import data, metrics, models
@@ -272,6 +270,5 @@ def main(config):
   Transfer(runner.Experiment('transfer', config, mesh)).run()
 
 
-if __name__ == '__main__':  # flags only for the command line: importing this module defines none
-  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/transfer.py', lock_config=True)
-  app.run(lambda argv: main(CONFIG.value))
+if __name__ == '__main__':
+  runner.command_line('transfer', main)
