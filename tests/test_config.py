@@ -144,6 +144,7 @@ def test_checkpoints_fall_on_chunk_ends():
     ('seeds', True),
     ('pretrain.steps', 20.0),
     ('pretrain.learning_rate', '1e-3'),
+    ('fsdp', 'yes'),
 ])
 def test_wrong_types_are_refused(key, value):
   raises_config_error(with_value(key, value), key, value)
@@ -234,7 +235,7 @@ def test_config_hash_changes_with_what_is_computed(key, value):
 
 @pytest.mark.parametrize('key, value', [
     ('workdir', '/elsewhere'), ('wandb.mode', 'disabled'), ('wandb.project', 'other'),
-    ('progress', True), ('side_by_side', 'sequential'),
+    ('progress', True), ('side_by_side', 'sequential'), ('fsdp', True),
 ])
 def test_config_hash_ignores_logging_and_placement(key, value):
   config = get_config('smoke')
