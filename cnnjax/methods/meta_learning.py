@@ -127,13 +127,17 @@ def reptile_direction(apply, params, rest, x, y, *, steps, lr, mode='auto'):
 
 
 # Baseline (Chen et al. 2019) ---------------------------------------------------------------------
-def fit_linear_head(support, support_y, ways, *, steps, lr, weight_decay, momentum=0.9):
-  """A new linear head (d, ways) + bias fitted on frozen support embeddings by full-batch SGD with
-  momentum and weight decay (Chen et al. fit theirs with SGD, momentum 0.9, weight decay 1e-3).
-  No convolution in here, so a rolled loop costs nothing."""
+def fit_linear_head(support, support_y, ways, *, steps, lr, weight_decay, momentum=0.9, batch_size=4):
+  """A new linear head (d, ways) + bias fitted on frozen support embeddings for `steps` epochs.
+
+  Chen et al. train theirs for 100 epochs of SGD (momentum 0.9, weight decay 1e-3) on mini-batches
+  of 4 support examples; here each epoch is one full-batch step whose learning rate is their
+  summed over the epoch's mini-batches (lr * n / batch_size), so support sets of every size get
+  the same training. No convolution in here, so a rolled loop costs nothing."""
   d = support.shape[-1]
   params = {'w': jnp.zeros((d, ways)), 'b': jnp.zeros(ways)}
-  tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
+  epoch_lr = lr * support.shape[0] / batch_size
+  tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(epoch_lr, momentum=momentum))
   loss = lambda p: cross_entropy(support @ p['w'] + p['b'], support_y)
 
   def one(_, carry):
