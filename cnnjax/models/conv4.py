@@ -20,9 +20,9 @@ class ConvBlock(nnx.Module):
 
   def __call__(self, x):
     x = self.norm(self.conv(x))
-    # Floor pooling drops an odd last row and column (7 -> 3, 3 -> 1); dropping them before the ReLU
-    # gives the same numbers, and XLA:CPU at optimisation level 0 (the tests' fast compile) returns NaN
-    # gradients for batch norm -> ReLU -> a pooling that crops.
+    # Floor pooling drops an odd last row and column (7 -> 3, 3 -> 1). Dropping them before the ReLU is
+    # the same function (up to float summation order), and XLA:CPU at optimisation level 0 (the tests'
+    # fast compile) returns NaN gradients for batch norm -> ReLU -> a pooling that crops.
     x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
     return max_pool2(nnx.relu(x))
 
