@@ -18,12 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args, tmp, timeout=420):
-  """The command in a subprocess. XLA:CPU at --xla_backend_optimization_level=0 (the fast-compile flag
-  tests/conftest.py sets) returns NaN gradients in several of these training steps (Baseline, MAML),
-  finite at the default level: the child compiles at the default level."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_backend_optimization_level')]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp / 'mpl'), WANDB_MODE='disabled',
-             XLA_FLAGS=' '.join(flags))
+  """The command in a subprocess."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp / 'mpl'), WANDB_MODE='disabled')
   done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, f'{args}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
   return done.stdout

@@ -19,12 +19,7 @@ class ConvBlock(nnx.Module):
     self.norm = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    x = self.norm(self.conv(x))
-    # Floor pooling drops an odd last row and column (7 -> 3, 3 -> 1). Dropping them before the ReLU is
-    # the same function (up to float summation order), and XLA:CPU at optimisation level 0 (the tests'
-    # fast compile) returns NaN gradients for batch norm -> ReLU -> a pooling that crops.
-    x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
-    return max_pool2(nnx.relu(x))
+    return max_pool2(nnx.relu(self.norm(self.conv(x))))
 
 
 class Conv4Backbone(nnx.Module):
