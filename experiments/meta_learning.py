@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
 from flax import nnx
-from ml_collections import config_flags
 
 from cnnjax import config as cfg
 from cnnjax import data, models
@@ -236,8 +234,8 @@ class MetaLearning:
 
   # Training ---------------------------------------------------------------------------------------
   def states(self, models_, tx):
-    return sharding.replicate(train_state.stack([train_state.create(m, tx, s)
-                                                 for m, s in zip(models_, self.seeds)]), self.exp.mesh)
+    states = train_state.stack([train_state.create(m, tx, s) for m, s in zip(models_, self.seeds)])
+    return sharding.place_state(states, self.exp.mesh, self.config.fsdp)
 
   def episode_source(self, ways, shots, queries, count, tasks=None):
     """Training episodes of every seed, drawn in advance: indices (seeds, count[, tasks], n) into
@@ -500,6 +498,5 @@ def main(config):
   MetaLearning(runner.Experiment('meta_learning', config, mesh)).run()
 
 
-if __name__ == '__main__':  # flags only for the command line: importing this module defines none
-  CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/meta_learning.py', lock_config=True)
-  app.run(lambda argv: main(CONFIG.value))
+if __name__ == '__main__':
+  runner.command_line('meta_learning', main)
