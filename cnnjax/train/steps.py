@@ -79,16 +79,27 @@ def over_members(fn, mode, donate=True, source_axes=0):
   donate_argnums = (0,) if donate else ()
   if mode == 'vmap':
     return jax.jit(jax.vmap(fn, in_axes=(0, source_axes)), donate_argnums=donate_argnums)
-  member_fn = jax.jit(fn, donate_argnums=donate_argnums) if mode == 'sequential' else fn
-  pick = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
 
-  def member_source(source, m):
-    return jax.tree.map(lambda axis, part: part if axis is None else pick(part, m), source_axes, source,
+  def member(tree, m, axes=0):
+    """Member m (may be traced) of a stacked tree; parts whose axis is None are shared."""
+    take = lambda part: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, m, keepdims=False), part)
+    return jax.tree.map(lambda axis, part: part if axis is None else take(part), axes, tree,
                         is_leaf=lambda axis: axis is None)
 
-  def each_member(states, source):
-    members = jax.tree.leaves(states)[0].shape[0]
-    outs = [member_fn(pick(states, m), member_source(source, m)) for m in range(members)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  stack = lambda outs: jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  if mode == 'unroll':
+    def unrolled(states, source):
+      members = jax.tree.leaves(states)[0].shape[0]
+      return stack([fn(member(states, m), member(source, m, source_axes)) for m in range(members)])
+    return jax.jit(unrolled, donate_argnums=donate_argnums)
+  # Sequential: one compiled program for every member, which picks its member inside (the index is
+  # traced), and one that stacks their outputs; slicing and stacking with eager ops around them cost
+  # more than the training itself for small models (a per-leaf dispatch each).
+  one = jax.jit(lambda states, source, m: fn(member(states, m), member(source, m, source_axes)))
+  stack_outputs = jax.jit(stack)
 
-  return each_member if mode == 'sequential' else jax.jit(each_member, donate_argnums=donate_argnums)
+  def sequential(states, source):
+    members = jax.tree.leaves(states)[0].shape[0]
+    return stack_outputs([one(states, source, m) for m in range(members)])
+
+  return sequential
