@@ -449,7 +449,8 @@ class MetaLearning:
             f'count (an N-way head; here {self.adapting_ways()}), at 1 shot, and adapt all weights by SGD at test '
             '(— : a way count they did not train for); ProtoNets and Baseline embed '
             'with batch-norm running statistics, MAML and Reptile normalise with each batch (transductive, as '
-            'their reference code). Hyper-parameters were fixed in advance from the papers (scaled down); '
+            'their reference code). Hyper-parameters come from the papers (scaled down); the config notes the '
+            'few chosen on meta-val episodes (first-order MAML\'s inner steps, Reptile\'s step sizes); '
             'meta-test episodes were read only for this table. Time: meta-training wall seconds, compile '
             'included, test excluded.')
 

@@ -5,11 +5,6 @@ domains and bad configs fail before training; the new embedded datasets build.""
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +13,8 @@ from cnnjax import data
 from cnnjax.errors import ConfigError, DataError
 from experiments import domain_adapt
 from experiments.configs.domain_adapt import get_config
+from experiment_cli import flags, on_mock_data, run
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(args, tmp, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp / 'mpl'), WANDB_MODE='disabled')
-  done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  assert done.returncode == 0, f'{args}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
-  return done.stdout
-
-
-def flags(tmp, preset, *extra):
-  return [f'--config=experiments/configs/domain_adapt.py:{preset}', f'--config.workdir={tmp / "work"}',
-          f'--config.results_dir={tmp / "results"}', f'--config.compile_cache={tmp / "jax-cache"}',
-          '--config.wandb.mode=disabled', *extra]
 
 
 def read_csv(path):
@@ -40,7 +22,7 @@ def read_csv(path):
 
 
 def test_smoke_preset_end_to_end(tmp_path):
-  run(['-m', 'experiments.domain_adapt', *flags(tmp_path, 'smoke')], tmp_path)
+  run(['-m', 'experiments.domain_adapt', *flags('domain_adapt', tmp_path, 'smoke')], tmp_path)
   config = get_config('smoke')
   out = tmp_path / 'results' / 'domain_adapt' / 'smoke'
   for name in ('table.md', 'table.tex', 'table.csv', 'provenance.json', 'learning_curves.png', 'features_pca.png'):
@@ -104,18 +86,7 @@ def test_embedded_domains_build_with_their_shapes():
 
 # Paper preset on mock data ----------------------------------------------------------------------
 
-MOCK = textwrap.dedent('''
-    import sys
-    import tensorflow_datasets as tfds
-    from absl import app
-    from ml_collections import config_flags
-    from experiments import domain_adapt
-
-    sys.argv = ['experiments.domain_adapt', *sys.argv[1:]]
-    CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
-    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=40):
-      app.run(lambda argv: domain_adapt.main(CONFIG.value))
-''')
+MOCK = on_mock_data('domain_adapt', 'num_examples=40')
 
 PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.train.steps=2', '--config.eval_every=1',
                    '--config.train.batch_size=8', '--config.eval_batch_size=8', '--config.progress=False',
@@ -124,7 +95,7 @@ PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.train
 
 
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
-  run(['-c', MOCK, *flags(tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
+  run(['-c', MOCK, *flags('domain_adapt', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'domain_adapt' / 'paper'
   config = get_config('paper')
   rows = read_csv(out / 'table.csv')

@@ -6,29 +6,9 @@ table on mock data."""
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 from experiments.configs.meta_learning import get_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(args, tmp, timeout=420):
-  """The command in a subprocess."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp / 'mpl'), WANDB_MODE='disabled')
-  done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  assert done.returncode == 0, f'{args}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
-  return done.stdout
-
-
-def flags(tmp, preset, *extra):
-  return [f'--config=experiments/configs/meta_learning.py:{preset}', f'--config.workdir={tmp / "work"}',
-          f'--config.results_dir={tmp / "results"}', f'--config.compile_cache={tmp.parent / "jax-cache"}',
-          '--config.wandb.mode=disabled', *extra]
+from experiment_cli import flags, on_mock_data, run
 
 
 def rows_of(out):
@@ -36,8 +16,8 @@ def rows_of(out):
 
 
 def test_smoke_preset_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
-  args = ['-m', 'experiments.meta_learning', *flags(tmp_path, 'smoke')]
-  first = run(args, tmp_path)
+  args = ['-m', 'experiments.meta_learning', *flags('meta_learning', tmp_path, 'smoke')]
+  first, _ = run(args, tmp_path)
   out = tmp_path / 'results' / 'meta_learning' / 'smoke'
   config = get_config('smoke')
   columns = [f'{w}-way {k}-shot' for w, k in config.settings]
@@ -56,18 +36,13 @@ def test_smoke_preset_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
   for cell in (tmp_path / 'work' / 'meta_learning' / 'smoke').iterdir():
     result = json.loads((cell / 'result.json').read_text())
     assert set(result['accuracy']) == set(columns)
-  again = run(args, tmp_path)
+  again, _ = run(args, tmp_path)
   assert first.count('done, skipped') == 0 and again.count('done, skipped') == len(config.methods)
   assert rows_of(out) == rows
 
 
-PAPER_ON_MOCK_DATA = textwrap.dedent('''
-    import sys
+PAPER_ON_MOCK_DATA = on_mock_data('meta_learning', 'as_data_source_fn=omniglot', prelude='''
     import numpy as np
-    import tensorflow_datasets as tfds
-    from absl import app
-    from ml_collections import config_flags
-    from experiments import meta_learning
 
     def omniglot(self, split=None, **kwargs):
       """Omniglot-shaped records: 105x105 RGB, black strokes on white, 2 drawings of 6 characters in
@@ -76,11 +51,6 @@ PAPER_ON_MOCK_DATA = textwrap.dedent('''
       labels = [lo + c for lo in (0, 1028, 1200) for c in range(6) for _ in range(2)]
       return [{'image': np.where(rng.uniform(size=(105, 105, 3)) < 0.1, 0, 255).astype(np.uint8),
                'label': label, 'alphabet': 0, 'alphabet_char_id': 0} for label in labels]
-
-    sys.argv = ['experiments.meta_learning', *sys.argv[1:]]
-    CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
-    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=omniglot):
-      app.run(lambda argv: meta_learning.main(CONFIG.value))
 ''')
 
 # The paper's data path, model and settings shrunk: 6 characters x 4 rotations per range, 5-way
@@ -94,7 +64,7 @@ PAPER_OVERRIDES = ('--config.methods=("nearest_neighbour","protonet","maml")', '
 
 
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
-  run(['-c', PAPER_ON_MOCK_DATA, *flags(tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
+  run(['-c', PAPER_ON_MOCK_DATA, *flags('meta_learning', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'meta_learning' / 'paper'
   config = get_config('paper')
   assert config.dataset == 'omniglot' and config.rotations and config.width == 64

@@ -5,12 +5,6 @@ to a table on TFDS mock data. Both run as the command line runs them, in a subpr
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,26 +14,10 @@ from cnnjax import tracking
 from cnnjax.errors import DataError
 from experiments import transfer
 from experiments.configs.transfer import get_config
+from experiment_cli import flags, on_mock_data, run
 
-REPO = Path(__file__).resolve().parents[1]
 CSV_HEADER = 'experiment,preset,row,column,mean,std,n'
 OUTPUTS = ('table.md', 'table.tex', 'table.csv', 'provenance.json', 'learning_curves.png')
-
-
-def run(args, tmp, timeout=420):
-  """A subprocess in the repository with the test session's data dir and nothing written to $HOME."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp / 'mpl'), WANDB_MODE='disabled')
-  started = time.time()
-  done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-  assert done.returncode == 0, f'{args}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
-  return done.stdout, time.time() - started
-
-
-def flags(tmp, preset, *extra):
-  return [f'--config=experiments/configs/transfer.py:{preset}', f'--config.workdir={tmp / "work"}',
-          f'--config.results_dir={tmp / "results"}', f'--config.compile_cache={tmp / "jax-cache"}',
-          '--config.wandb.mode=disabled', *extra]
 
 
 def snapshot(root):
@@ -56,7 +34,7 @@ def read_csv(path):
 # One test per subprocess run: under pytest-xdist a module fixture would run once per worker.
 
 def test_smoke_preset_end_to_end_and_rerun_skips(tmp_path):
-  args = ['-m', 'experiments.transfer', *flags(tmp_path, 'smoke')]
+  args = ['-m', 'experiments.transfer', *flags('transfer', tmp_path, 'smoke')]
   first, first_s = run(args, tmp_path)
   out, work = tmp_path / 'results' / 'transfer' / 'smoke', tmp_path / 'work' / 'transfer' / 'smoke'
   check_smoke_outputs(tmp_path, out)
@@ -167,18 +145,7 @@ def test_device_batch_size_fits_small_subsets():
 
 # Paper preset on mock data ----------------------------------------------------------------------
 
-PAPER_ON_MOCK_DATA = textwrap.dedent('''
-    import sys
-    import tensorflow_datasets as tfds
-    from absl import app
-    from ml_collections import config_flags
-    from experiments import transfer
-
-    sys.argv = ['experiments.transfer', *sys.argv[1:]]
-    CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
-    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=24):
-      app.run(lambda argv: transfer.main(CONFIG.value))
-''')
+PAPER_ON_MOCK_DATA = on_mock_data('transfer', 'num_examples=24')
 
 # The paper's model, data, targets and methods; only sizes shrink: one seed, one step per phase in
 # chunks of one step (the paper's chunk of ten unrolled ResNet-20 steps would make compiling the
@@ -191,7 +158,7 @@ PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.pretr
 
 
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
-  run(['-c', PAPER_ON_MOCK_DATA, *flags(tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
+  run(['-c', PAPER_ON_MOCK_DATA, *flags('transfer', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'transfer' / 'paper'
   config = get_config('paper')
   assert config.model == 'resnet20_cifar' and config.source == 'cifar100'

@@ -14,8 +14,8 @@ scaled down to fit 5 minutes on 2 CPU cores. `paper`: TFDS `omniglot` with a Vin
 the papers' conv-4 (64 filters) and settings, published numbers beside ours (prepare it first with
 `python -m cnnjax.data.prepare omniglot`).
 
-Hyper-parameters come from the papers (scaled down for `default`) and are fixed in advance: only
-meta-val episodes may inform a change, meta-test episodes are read only for the table.
+Hyper-parameters come from the papers (scaled down for `default`); only meta-val episodes may inform
+a change (the comments below name the two that did), meta-test episodes are read only for the table.
 """
 
 import ml_collections
