@@ -58,12 +58,8 @@ def load_split(config, name, split):
   resized to `fit_size` and centred on an `image_size` canvas (MNIST centres its digits in a
   20x20 box of a 28x28 image, so 8x8 digits are laid out the same way)."""
   arrays = data.load_arrays(name, split, config.data_dir or None)
-  images = arrays['image']
-  if images.shape[1:3] != (config.image_size, config.image_size):
-    margin = config.image_size - config.fit_size
-    images = np.asarray(transforms.resize(images, config.fit_size))
-    images = np.pad(images, [(0, 0), (margin // 2, margin - margin // 2), (margin // 2, margin - margin // 2), (0, 0)])
-  return {'image': images, 'label': arrays['label']}
+  return {'image': transforms.fit_and_centre(arrays['image'], config.image_size, config.fit_size),
+          'label': arrays['label']}
 
 
 def labelled_subset(labels, per_class, seed):

@@ -327,3 +327,11 @@ def test_a_damaged_prepared_file_says_what_to_do(tmp_path):
   with pytest.raises(DataError, match='damaged, delete that folder') as e:
     data.load_arrays('sklearn_digits', 'train', tmp_path)
   assert 'python -m cnnjax.data.prepare sklearn_digits' in str(e.value)
+
+
+def test_fit_and_centre_lays_small_images_out_like_mnist():
+  images = np.full((2, 8, 8, 1), 255, np.uint8)
+  out = transforms.fit_and_centre(images, 28, 20)
+  assert out.shape == (2, 28, 28, 1) and out.dtype == np.uint8
+  assert (out[:, 4:24, 4:24] == 255).all() and out.sum() == 2 * 20 * 20 * 255  # a 20x20 box, 4-pixel margins
+  assert transforms.fit_and_centre(out, 28, 20) is out  # already the right size: unchanged

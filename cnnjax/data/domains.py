@@ -53,10 +53,8 @@ def to_shape(images, image_size, fit_size, channels):
   digits in a 20x20 box of 28x28; fit_size == image_size resizes the whole image). One channel
   becomes three by repetition (DANN feeds MNIST to its SVHN network so), three become one by luma.
   0 keeps the size or channels as they are."""
-  if image_size and images.shape[1:3] != (image_size, image_size):
-    margin = image_size - fit_size
-    images = np.asarray(transforms.resize(images, fit_size))
-    images = np.pad(images, [(0, 0), (margin // 2, margin - margin // 2), (margin // 2, margin - margin // 2), (0, 0)])
+  if image_size:
+    images = transforms.fit_and_centre(images, image_size, fit_size)
   if channels and images.shape[-1] != channels:
     if (images.shape[-1], channels) == (1, 3):
       images = np.repeat(images, 3, axis=-1)

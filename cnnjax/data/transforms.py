@@ -1,7 +1,9 @@
-"""Augmentations as pure jax functions on NHWC batches; random ones take an explicit key."""
+"""Transforms of NHWC batches: resizing and layout (`fit_and_centre`, on the host) and augmentations as
+pure jax functions (random ones take an explicit key)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -23,6 +25,17 @@ def resize(x, size):
     info = jnp.iinfo(x.dtype)
     out = jnp.clip(jnp.round(out), info.min, info.max)
   return out.astype(x.dtype)
+
+
+def fit_and_centre(images, image_size, fit_size):
+  """uint8 NHWC images of another size than `image_size`, resized to `fit_size` and centred on an
+  `image_size` canvas (MNIST centres its digits in a 20x20 box of 28x28; fit_size == image_size
+  resizes the whole image). Images already at `image_size` come back unchanged."""
+  if images.shape[1:3] == (image_size, image_size):
+    return images
+  margin = image_size - fit_size
+  images = np.asarray(resize(images, fit_size))
+  return np.pad(images, [(0, 0), (margin // 2, margin - margin // 2), (margin // 2, margin - margin // 2), (0, 0)])
 
 
 def random_crop(key, x, padding):
