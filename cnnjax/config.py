@@ -101,7 +101,7 @@ def base_config(experiment, preset):
   config.eval_every = 0                   # steps between evaluations (0 = at the end only)
   config.checkpoint_every = 100           # steps between checkpoints (and at the end)
   config.compute_dtype = 'float32'        # bfloat16 on accelerators: bf16 compute, f32 params and optimizer
-  config.side_by_side = 'auto'            # seeds in one program: auto | vmap | unroll | sequential
+  config.side_by_side = 'auto'            # how seeds train side by side: auto | vmap | unroll | sequential | threads
   config.fsdp = False                     # shard parameters and optimizer state over the devices (large models)
   config.compile_cache = '~/.cache/cnnjax/jax'  # persistent XLA compile cache ('' = off)
   config.progress = True

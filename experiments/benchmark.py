@@ -334,7 +334,7 @@ class Benchmark:
         self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
 
   def members(self):
-    """(2) M members in one program (vmap, unroll) vs M sequential calls."""
+    """(2) M members in one program (vmap, unroll) or on one thread each vs M sequential calls."""
     c = self.config
     bench, k = Bench(c, self.exp.mesh, 'digit_cnn'), c.member_chunk_steps
     for m in c.members:

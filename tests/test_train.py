@@ -142,9 +142,9 @@ def alone(spine):
   return runs
 
 
-@pytest.mark.parametrize('mode', ['vmap', 'unroll', 'sequential'])
+@pytest.mark.parametrize('mode', ['vmap', 'unroll', 'sequential', 'threads'])
 def test_seeds_side_by_side_equal_seeds_alone(spine, alone, mode):
-  program = steps.over_members(spine.side_chunk, mode)
+  program = steps.over_members(spine.side_chunk, mode)  # threads: the 1st call compiles, the 2nd runs threads
   states, sources, history = spine.states(), spine.sources(), []
   for _ in range(2):
     states, m = program(states, sources)
@@ -160,13 +160,14 @@ def test_seeds_side_by_side_equal_seeds_alone(spine, alone, mode):
 
 
 def test_auto_member_mode_avoids_vmap_on_cpu():
-  """vmapped convolutions become slow grouped convolutions on CPU; accelerators vmap."""
+  """vmapped convolutions become slow grouped convolutions on CPU: one CPU device runs members
+  on threads, several CPU devices one after another; accelerators vmap."""
   auto = steps.member_mode('auto')
   if jax.default_backend() == 'cpu':
-    assert auto in ('unroll', 'sequential')
+    assert auto == ('threads' if jax.device_count() == 1 else 'sequential')
   else:
     assert auto == 'vmap'
-  assert all(steps.member_mode(m) == m for m in ('vmap', 'unroll', 'sequential'))
+  assert all(steps.member_mode(m) == m for m in steps.MEMBER_MODES[1:])
   with pytest.raises(ValueError, match='pmap'):
     steps.over_members(lambda s, b: (s, {}), 'pmap')
 

@@ -8,12 +8,15 @@ rolled `lax.scan` around weight-gradient convolutions. `over_members` runs sever
 seeds (or ensemble members) of one table cell in one program.
 """
 
+import concurrent.futures
+import threading
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-MEMBER_MODES = ('auto', 'vmap', 'unroll', 'sequential')
+MEMBER_MODES = ('auto', 'vmap', 'unroll', 'sequential', 'threads')
 
 
 def make_train_step(graphdef, tx, loss_fn):
@@ -55,13 +58,22 @@ def make_chunk(step, batch_fn, k):
 
 def member_mode(mode):
   """The side-by-side path for 'auto': vmap on GPU/TPU, where one small model leaves the chip
-  idle; sequential calls of one compiled member on CPU, where vmapped convolutions become slow
-  grouped convolutions and unrolling M members costs about M times the compile time for at most
-  a 1.2x faster step (digit CNN, 3 seeds, batch 32: unrolled 27 s compile and 93 ms per step,
-  sequential 9 s and 76 ms, vmapped 10 s and 206 ms; jaxlib 0.10.2, 2 CPU cores)."""
+  idle; on one CPU device, one compiled member program called from a thread per member, since
+  XLA:CPU runs a small convolutional step on little more than one core (digit CNN, 3 seeds, 64
+  images a step, jaxlib 0.10.2, 2 cores: 14 ms a member-step on threads, 19-22 ms sequential or
+  unrolled, vmapped convolutions several times slower); on several CPU devices, sequential calls
+  (each program already spans every device)."""
   if mode != 'auto':
     return mode
-  return 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
+  if jax.default_backend() != 'cpu':
+    return 'vmap'
+  return 'threads' if jax.device_count() == 1 else 'sequential'
+
+
+def _signature(tree):
+  """What decides whether a jitted call compiles: structure, shapes, dtypes, placements."""
+  leaves, structure = jax.tree.flatten(tree)
+  return structure, tuple((jnp.shape(x), jnp.result_type(x), getattr(x, 'sharding', None)) for x in leaves)
 
 
 def over_members(fn, mode, donate=True, source_axes=0):
@@ -70,8 +82,9 @@ def over_members(fn, mode, donate=True, source_axes=0):
   `source_axes` says, like `jax.vmap`'s in_axes, which parts of `source` are stacked per
   member (0) and which all members share (None): e.g. {'split': None, 'index': 0} shares a
   dataset and gives each seed its own subset. 'vmap' and 'unroll' compile all members into
-  one program; 'sequential' calls one compiled member program per member. All three give the
-  same numbers.
+  one program; 'sequential' calls one compiled member program per member, and 'threads' makes
+  those calls from one thread per member, so that members run at the same time on the CPU
+  cores. All four give the same numbers.
   """
   mode = member_mode(mode)
   if mode not in MEMBER_MODES[1:]:
@@ -92,14 +105,31 @@ def over_members(fn, mode, donate=True, source_axes=0):
       members = jax.tree.leaves(states)[0].shape[0]
       return stack([fn(member(states, m), member(source, m, source_axes)) for m in range(members)])
     return jax.jit(unrolled, donate_argnums=donate_argnums)
-  # Sequential: one compiled program for every member, which picks its member inside (the index is
-  # traced), and one that stacks their outputs; slicing and stacking with eager ops around them cost
-  # more than the training itself for small models (a per-leaf dispatch each).
+  # Sequential and threads: one compiled program for every member, which picks its member inside
+  # (the index is traced), and one that stacks their outputs; slicing and stacking with eager ops
+  # around them cost more than the training itself for small models (a per-leaf dispatch each).
   one = jax.jit(lambda states, source, m: fn(member(states, m), member(source, m, source_axes)))
   stack_outputs = jax.jit(stack)
+  if mode == 'sequential':
+    def sequential(states, source):
+      members = jax.tree.leaves(states)[0].shape[0]
+      return stack_outputs([one(states, source, m) for m in range(members)])
+    return sequential
 
-  def sequential(states, source):
+  compiled, lock = set(), threading.Lock()
+
+  def threads(states, source):
     members = jax.tree.leaves(states)[0].shape[0]
-    return stack_outputs([one(states, source, m) for m in range(members)])
+    signature = _signature((states, source))
+    with lock:
+      warm = signature in compiled
+    if not warm:  # the first call compiles once, then runs its members in turn
+      outs = [one(states, source, m) for m in range(members)]
+      with lock:
+        compiled.add(signature)
+      return stack_outputs(outs)
+    run = lambda m: jax.block_until_ready(one(states, source, m))
+    with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix='member') as pool:
+      return stack_outputs(list(pool.map(run, range(members))))
 
-  return sequential
+  return threads

@@ -6,7 +6,7 @@ Table (results/benchmark/<preset>/table.md): rows = measurements, columns = 'ms/
 'images/s', 'ratio' (and 's' for compile times), mean ± std over `repeats` timed repeats
 (each repeat times `chunk_steps` training steps after a warm-up). Measured on the machine that
 runs it: (1) train-step throughput of cnnjax vs a PyTorch eager model of the same architecture,
-batch and optimizer (Adam); (2) M members in one program (vmap, unroll) vs M sequential calls;
+batch and optimizer (Adam); (2) M members in one program (vmap, unroll) or on threads vs M sequential calls;
 (3) a device-resident chunk of k unrolled steps vs a Python loop of jitted steps vs a rolled
 lax.scan; (4) cold vs warm compile with the persistent compilation cache (fresh subprocesses);
 (5) grain loader images/s vs what the digit-CNN step consumes. `paper` adds ResNet-50 at 224x224
@@ -31,7 +31,7 @@ def get_config(preset=''):
   config.large_chunk_steps = 2          # ... for the larger models (compile time grows with k)
   config.repeats = 5                    # timed repeats per measurement (after one warm-up call)
   config.members = (1, 2, 5)
-  config.member_modes = ('vmap', 'unroll', 'sequential')
+  config.member_modes = ('vmap', 'unroll', 'sequential', 'threads')
   config.member_chunk_steps = 1         # steps per member call (unrolling M x k steps compiles slowly)
   config.split_size = 1024              # synthetic device-resident examples the batches are drawn from
   config.torch = True                   # the PyTorch eager rows (skipped when torch is missing)
