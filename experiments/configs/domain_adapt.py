@@ -8,7 +8,7 @@ methods, a target oracle trained on labelled target data), columns = target test
 each shift and the source test accuracy, mean ± std over seeds; the model of each seed is the
 evaluation point with the best source-validation accuracy (no target label is read for any choice).
 Figure: PCA of source and target features, before (source only) and after adaptation.
-`default` (embedded data; 5 min 47 s measured cold on 2 idle CPU cores):
+`default` (embedded data; 4 min 50 s measured cold on 2 idle CPU cores):
 syn_digits -> mnist_5k, mnist_5k -> mnist_m_5k, mnist_5k -> sklearn_digits. `paper`: svhn_cropped -> mnist (DANN's Table 2) and RotatedMNIST
 (mnist, rotations 0-60 -> 75; DomainBed) with the published numbers beside ours (TFDS catalog;
 prepare them first with `python -m cnnjax.data.prepare NAME`).
