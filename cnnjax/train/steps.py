@@ -59,10 +59,10 @@ def make_chunk(step, batch_fn, k):
 def member_mode(mode):
   """The side-by-side path for 'auto': vmap on GPU/TPU, where one small model leaves the chip
   idle; on one CPU device, one compiled member program called from a thread per member, since
-  XLA:CPU runs a small convolutional step on little more than one core (digit CNN, 3 seeds, 64
-  images a step, jaxlib 0.10.2, 2 cores: 14 ms a member-step on threads, 19-22 ms sequential or
-  unrolled, vmapped convolutions several times slower); on several CPU devices, sequential calls
-  (each program already spans every device)."""
+  XLA:CPU runs a small convolutional step on little more than one core (jaxlib 0.10.2, 2 cores,
+  digit CNN at batch 128: 5 members on threads take 0.84 of the sequential time, where vmapped
+  convolutions become slow grouped convolutions and unrolling costs about M times the compile);
+  on several CPU devices, sequential calls (each program already spans every device)."""
   if mode != 'auto':
     return mode
   if jax.default_backend() != 'cpu':
@@ -110,24 +110,25 @@ def over_members(fn, mode, donate=True, source_axes=0):
   # around them cost more than the training itself for small models (a per-leaf dispatch each).
   one = jax.jit(lambda states, source, m: fn(member(states, m), member(source, m, source_axes)))
   stack_outputs = jax.jit(stack)
-  if mode == 'sequential':
-    def sequential(states, source):
-      members = jax.tree.leaves(states)[0].shape[0]
-      return stack_outputs([one(states, source, m) for m in range(members)])
-    return sequential
 
+  def sequential(states, source):
+    members = jax.tree.leaves(states)[0].shape[0]
+    return stack_outputs([one(states, source, m) for m in range(members)])
+
+  if mode == 'sequential':
+    return sequential
   compiled, lock = set(), threading.Lock()
 
   def threads(states, source):
-    members = jax.tree.leaves(states)[0].shape[0]
     signature = _signature((states, source))
     with lock:
       warm = signature in compiled
-    if not warm:  # the first call compiles once, then runs its members in turn
-      outs = [one(states, source, m) for m in range(members)]
+    if not warm:  # the first call of a signature compiles once, then runs its members in turn
+      outputs = sequential(states, source)
       with lock:
         compiled.add(signature)
-      return stack_outputs(outs)
+      return outputs
+    members = jax.tree.leaves(states)[0].shape[0]
     run = lambda m: jax.block_until_ready(one(states, source, m))
     with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix='member') as pool:
       return stack_outputs(list(pool.map(run, range(members))))
