@@ -133,8 +133,8 @@ def _init_wandb(run_dir, options):
         config=flatten(options.get('config') or {}), id=wandb_run_id(run_dir), resume='allow',
         reinit='create_new', settings=wandb.Settings(
             init_timeout=WANDB_INIT_TIMEOUT_S,
-            # Not the list of installed packages with every run (~0.3 s each, a third of a small
-            # run's overhead): each table's provenance.json records the versions that matter.
+            # Not the list of installed packages with every run (~0.3 s each, two thirds of W&B's
+            # start-up): each table's provenance.json records the versions that matter.
             x_save_requirements=False))
   except Exception as error:  # W&B is a mirror: any failure must leave the run going.
     warnings.warn(f'W&B disabled for {run_dir}: {type(error).__name__}: {error}', RuntimeWarning)

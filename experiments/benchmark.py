@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from cnnjax import config as cfg
-from cnnjax import data, models, tables
+from cnnjax import data, models
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.tables import Table
 from cnnjax.train import sharding, state as train_state, steps
@@ -413,14 +413,8 @@ class Benchmark:
         'ratio < 1: the first is faster; grain > 1: the loader outpaces training). Here n counts timed repeats, '
         'not seeds.',
         *self.notes])
-    import shlex
-    command = 'python -m experiments.benchmark ' + shlex.join(sys.argv[1:])
-    record = tables.provenance(command, cfg.config_hash(c), wall_time_s=round(time.time() - self.exp.started, 1),
-                               medians=self.medians, cpu_count=os.cpu_count(),
-                               load_average=[round(x, 2) for x in os.getloadavg()],
-                               torch=_torch_version())
-    self.table.write(self.exp.results_dir, record)
-    print(f'wrote {self.exp.results_dir}/table.md', flush=True)
+    self.exp.write_table(self.table, medians=self.medians, cpu_count=os.cpu_count(),
+                         load_average=[round(x, 2) for x in os.getloadavg()], torch=_torch_version())
 
 
 def _torch_version():
