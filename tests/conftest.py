@@ -18,14 +18,10 @@ if 'CNNJAX_DATA_DIR' not in os.environ:
 # Tests compile many small programs and run them briefly: at LLVM optimisation level 1 XLA:CPU
 # compiles them about 1.6x faster (model-zoo sample: 77 -> 47 s of CPU time) with the same numbers;
 # convolutions call precompiled library kernels either way. (Level 0 compiles faster still but
-# miscompiles: NaN gradients through batch norm -> ReLU -> a cropping max pool.) The YNNPACK fusions
-# that cnnjax turns on for CPU runs (cnnjax/__init__.py) are off: with two pytest workers on two cores
-# their worker threads contend (tests/test_zoo.py: 4 min 19 s without, 6 min 1 s with);
-# tests/test_train.py checks that they train to the same losses. Children inherit these flags.
-TEST_XLA_FLAGS = {'xla_backend_optimization_level': '1', 'xla_cpu_experimental_ynn_fusion_type': ''}
-for _flag, _value in TEST_XLA_FLAGS.items():
-  if _flag not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
+# miscompiles: NaN gradients through batch norm -> ReLU -> a cropping max pool.) Children inherit it.
+FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=1'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 os.environ.setdefault('WANDB_MODE', 'disabled')
 os.environ.setdefault('WANDB_SILENT', 'true')

@@ -249,46 +249,6 @@ def test_eight_devices_equal_one(tmp_path):
     np.testing.assert_allclose(np.array(a), np.array(b), **TOL)
 
 
-YNN_RUN = textwrap.dedent('''
-    import json, os
-    import cnnjax  # sets the CPU flags before JAX starts its backend
-    import jax, numpy as np, optax
-    from cnnjax import data, models
-    from cnnjax.methods.classification import cross_entropy
-    from cnnjax.train import state as train_state, steps
-
-    rng = np.random.default_rng(0)
-    split = {'image': rng.uniform(size=(64, 8, 8, 1)).astype(np.float32),
-             'label': rng.integers(0, 5, 64).astype(np.int32)}
-    model = models.build('digit_cnn', num_classes=5, seed=0, size=8, width=4)
-    tx = optax.adam(1e-2)
-    step = steps.make_train_step(train_state.split_model(model)[0], tx, cross_entropy)
-    chunk = jax.jit(steps.make_chunk(step, lambda s, st: data.device_batch(s, st.key('data'), st.step, 16), 4))
-    state, metrics = chunk(train_state.create(model, tx, 0), split)
-    print('RESULT ' + json.dumps({'flags': os.environ['XLA_FLAGS'], 'losses': np.asarray(metrics['loss']).tolist(),
-                                  'params': [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)]}))
-''')
-
-
-def test_ynn_fusions_train_like_xla_kernels():
-  """cnnjax's CPU default (YNNPACK fusions for dots, elementwise ops and reductions, set on import)
-  trains to the same losses and parameters as XLA's own kernels (the tests' setting)."""
-  def run(ynn):
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'ynn_fusion_type' not in f or not ynn]
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags))
-    done = subprocess.run([sys.executable, '-c', YNN_RUN], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(next(l for l in done.stdout.splitlines() if l.startswith('RESULT '))[len('RESULT '):])
-
-  on, off = run(ynn=True), run(ynn=False)
-  assert 'ynn_fusion_type=dot,eltwise,reduce' in on['flags'] and 'ynn_fusion_type= ' in off['flags'] + ' '
-  assert len(on['losses']) == 4 and np.isfinite(on['losses']).all()
-  np.testing.assert_allclose(on['losses'], off['losses'], **TOL)
-  for a, b in zip(on['params'], off['params']):
-    np.testing.assert_allclose(a, b, **TOL)
-
-
 # Resume -----------------------------------------------------------------------------------------
 
 def test_resumed_run_equals_uninterrupted_run(spine, tmp_path):
