@@ -33,6 +33,10 @@ from experiments import runner
 
 
 INPUTS = {'digit_cnn': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
+# XLA:CPU hands dots, elementwise ops and reductions to its YNNPACK library fusions. The same as
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce, for one program only.
+YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type':
+               'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'}
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +59,7 @@ def validate(config):
   cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'bf16'):
+  for key in ('torch', 'compile', 'bf16', 'ynn'):
     cfg.check_type(config, key, bool)
   if config.split_size < max(config.batch_sizes[name] for name in config.models):
     raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
@@ -110,9 +114,10 @@ class Bench:
     return sharding.replicate(train_state.stack([train_state.create(self.build(s), self.tx, s)
                                                  for s in range(members)]), self.mesh)
 
-  def chunk(self, k):
+  def chunk(self, k, compiler_options=None):
     """k unrolled steps in one jitted program (one member)."""
-    return jax.jit(steps.make_chunk(self.step, self.batch_fn, k), donate_argnums=0)
+    return jax.jit(steps.make_chunk(self.step, self.batch_fn, k), donate_argnums=0,
+                   compiler_options=compiler_options)
 
   def scan(self, k):
     """The same k steps as a rolled lax.scan."""
@@ -324,6 +329,10 @@ class Benchmark:
         flops = bench.flops(chunk, bench.states()) / k
         if flops:
           self.add(f'{name} cnnjax', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ours])
+      ynn = None
+      if c.ynn and jax.default_backend() == 'cpu':
+        ynn = self.add_step_times(f'{name} cnnjax YNNPACK', bench.timed(bench.chunk(k, YNN_FUSIONS), bench.states(),
+                                                                        c.repeats), k, bench.batch_size)
       if c.bf16 and jax.default_backend() != 'cpu':
         low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
         self.add_step_times(f'{name} cnnjax bf16', low.timed(low.chunk(k), low.states(), c.repeats), k,
@@ -332,6 +341,8 @@ class Benchmark:
         seconds, k = torch_seconds(c, name)
         theirs = self.add_step_times(f'{name} torch', seconds, k, bench.batch_size)
         self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
+        if ynn:
+          self.add(f'{name} cnnjax YNNPACK / torch images/s', 'ratio', [t / o for o, t in zip(ynn, theirs)])
 
   def members(self):
     """(2) M members in one program (vmap, unroll) or on one thread each vs M sequential calls."""

@@ -13,6 +13,7 @@ from cnnjax import metrics, models
 from cnnjax.errors import ConfigError
 from cnnjax.methods.transfer import path_str, startswith_any
 from cnnjax.models.cifar_resnet import cifar_backbone
+from cnnjax.models.layers import BatchNorm, RunningStat
 
 
 def abstract(name, **kwargs):
@@ -61,6 +62,36 @@ def test_cifar_resnet_depths_are_six_n_plus_two():
 def test_parameters_stay_float32_with_bfloat16_compute():
   model = abstract('resnet20_cifar', dtype='bfloat16')
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+
+
+def test_batch_norm_updates_running_statistics_like_flax():
+  """Inside a jitted train step (where its updates skip Flax's costly sharding check) and outside,
+  cnnjax's BatchNorm normalises and moves its running statistics exactly as nnx.BatchNorm with
+  torchvision's momentum does."""
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 1
+  ours = BatchNorm(3, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  flax = nnx.BatchNorm(3, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+  assert isinstance(ours.mean, RunningStat) and isinstance(ours.mean, nnx.BatchStat)
+
+  @jax.jit
+  def twice(state, graphdef, x):
+    module = nnx.merge(graphdef, state)
+    y = module(module(x))
+    return y, nnx.state(module)
+
+  outputs = []
+  for module in (ours, flax):
+    graphdef, state = nnx.split(module)
+    y, state = twice(state, graphdef, x)
+    nnx.update(module, state)
+    outputs.append(np.asarray(y))
+  np.testing.assert_array_equal(*outputs)
+  for stat in ('mean', 'var'):
+    np.testing.assert_array_equal(getattr(ours, stat)[...], getattr(flax, stat)[...])
+  assert float(jnp.abs(ours.mean[...]).sum()) > 0  # the statistics moved
+  ours(x)  # eagerly too
+  flax(x)
+  np.testing.assert_array_equal(ours.var[...], flax.var[...])
 
 
 def test_unknown_model_lists_the_models():

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import BatchNorm
 from cnnjax.models.registry import check_images, max_pool2, register
 
 
@@ -27,7 +28,7 @@ class Branch(nnx.Module):
   def __init__(self, channels, widths, *, rngs, dtype):
     self.convs = nnx.List([nnx.Conv(cin, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
                            for cin, cout in zip((channels, *widths[:-1]), widths)])
-    self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs) for c in widths])
+    self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in widths])
 
   def __call__(self, x):
     for conv, norm in zip(self.convs, self.norms):

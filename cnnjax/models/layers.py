@@ -1,18 +1,42 @@
-"""Building blocks that several model families share: conv-BN, a sequence of blocks, a pooled backbone."""
+"""Building blocks that several model families share: batch norm, conv-BN, a sequence of blocks, a pooled backbone."""
 
 from flax import nnx
 
 from cnnjax.models.registry import check_images
 
 
+class RunningStat(nnx.BatchStat):
+  """A batch-norm running statistic whose whole-array update (`stat[...] = x`) replaces the value.
+
+  Flax's generic update compares the new value's `sharding`, and on a tracer JAX answers that by
+  building an error message that walks everything traced so far: 40% of the time to trace an
+  unrolled 10-step chunk of the digit CNN, growing with the chunk's length."""
+
+  def __setitem__(self, index, value):
+    current = self.get_value()
+    if index is Ellipsis and value.shape == current.shape and value.dtype == current.dtype:
+      self.set_value(value)
+    else:
+      super().__setitem__(index, value)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """Batch norm (Ioffe & Szegedy 2015) as torchvision's: momentum 0.1 (0.9 in Flax's convention),
+  epsilon 1e-5; running statistics are `RunningStat`s."""
+
+  def __init__(self, features, *, epsilon=1e-5, dtype, rngs):
+    super().__init__(features, epsilon=epsilon, momentum=0.9, dtype=dtype, rngs=rngs)
+    self.mean, self.var = RunningStat(self.mean[...]), RunningStat(self.var[...])
+
+
 class ConvBN(nnx.Module):
   """A bias-free convolution with 'same' padding (`groups` groups, dilation `rate`), batch norm,
-  then `act` (None: linear). Batch norm as torchvision's: momentum 0.1 (0.9 in Flax's convention)."""
+  then `act` (None: linear)."""
 
   def __init__(self, cin, cout, kernel, stride=1, *, groups=1, rate=1, act=nnx.relu, epsilon=1e-5, rngs, dtype):
     self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=rate * (kernel // 2),
                          kernel_dilation=rate, feature_group_count=groups, use_bias=False, dtype=dtype, rngs=rngs)
-    self.norm = nnx.BatchNorm(cout, epsilon=epsilon, momentum=0.9, dtype=dtype, rngs=rngs)
+    self.norm = BatchNorm(cout, epsilon=epsilon, dtype=dtype, rngs=rngs)
     self.act = act
 
   def __call__(self, x):

@@ -10,12 +10,12 @@ activated), global average pooling and the head: 11,172,170 parameters at 10 cla
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import Backbone
+from cnnjax.models.layers import BatchNorm, Backbone
 from cnnjax.models.registry import Classifier, register
 
 
 def bn_conv(cin, cout, stride, *, rngs, dtype):
-  return (nnx.BatchNorm(cin, momentum=0.9, dtype=dtype, rngs=rngs),
+  return (BatchNorm(cin, dtype=dtype, rngs=rngs),
           nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, dtype=dtype, rngs=rngs))
 
 
@@ -42,7 +42,7 @@ class Stage(nnx.Module):
   def __init__(self, cin, cout, blocks, stride, last, *, rngs, dtype):
     self.blocks = nnx.List([PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1,
                                         rngs=rngs, dtype=dtype) for i in range(blocks)])
-    self.norm = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs) if last else None
+    self.norm = BatchNorm(cout, dtype=dtype, rngs=rngs) if last else None
 
   def __call__(self, x):
     for block in self.blocks:

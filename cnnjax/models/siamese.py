@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import BatchNorm
 from cnnjax.models.registry import check_images, register
 
 
@@ -43,7 +44,7 @@ class Embedding(nnx.Module):
     self.convs = nnx.List([nnx.Conv(cin, cout, (k, k), strides=2 if i == 0 else 1, padding='VALID',
                                     feature_group_count=g, dtype=dtype, rngs=rngs)
                            for i, (cin, cout, k, g) in enumerate(zip(cins, widths, kernels, groups))])
-    self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs) for c in widths[:-1]])
+    self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in widths[:-1]])
 
   def __call__(self, x):
     check_images(x, self.channels, 'siamfc')

@@ -21,6 +21,7 @@ are the encoder levels and `head` the final 1x1 classifier; `decoder` trains onl
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import BatchNorm
 from cnnjax.models.registry import register
 
 
@@ -37,7 +38,7 @@ class DoubleConv(nnx.Module):
   def __init__(self, cin, mid, cout, nd, norm, *, rngs, dtype):
     self.convs = nnx.List([nnx.Conv(a, b, (3,) * nd, padding=1, use_bias=not norm, dtype=dtype, rngs=rngs)
                            for a, b in ((cin, mid), (mid, cout))])
-    self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.9, dtype=dtype, rngs=rngs) for c in (mid, cout)]
+    self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in (mid, cout)]
                           if norm else [])
 
   def __call__(self, x):
