@@ -180,8 +180,10 @@ def setup(config, validate):
   validate(config)
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    for option, value in (('jax_persistent_cache_min_compile_time_secs', 0.5),
+                          ('jax_persistent_cache_min_entry_size_bytes', 0)):
+      if option.upper() not in os.environ:  # JAX's own environment variables win
+        jax.config.update(option, value)
   return sharding.make_mesh()
 
 

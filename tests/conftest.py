@@ -1,4 +1,4 @@
-"""Test-session environment: TFDS data and W&B stay out of the user's home directory; XLA compiles fast.
+"""Test-session environment: TFDS data, compile cache and W&B stay out of the user's home directory; XLA compiles fast.
 
 Set at import time, before any test imports cnnjax, and with `setdefault` so a caller's choice wins.
 pytest-xdist workers inherit the controller's environment, so the whole session shares one data dir.
@@ -22,6 +22,16 @@ if 'CNNJAX_DATA_DIR' not in os.environ:
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=1'
 if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
+# One persistent compilation cache for the session: both workers and every experiment subprocess
+# (tests/experiment_cli.py) reuse what another already compiled, small programs included
+# (initialisers, data steps: ~0.1 s each to compile, dozens per process).
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='cnnjax-tests-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 os.environ.setdefault('WANDB_MODE', 'disabled')
 os.environ.setdefault('WANDB_SILENT', 'true')

@@ -28,7 +28,8 @@ def command(tmp):
           '--config.seeds=1', '--config.methods=("scratch","finetune")', '--config.labels_per_class=(5,)',
           '--config.pretrain.steps=20', '--config.finetune.steps=20', '--config.checkpoint_every=5',
           f'--config.workdir={tmp / "work"}', f'--config.results_dir={tmp / "results"}',
-          f'--config.compile_cache={tmp.parent / "jax-cache"}', '--config.wandb.mode=disabled']
+          f'--config.compile_cache={os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp.parent / "jax-cache"}',
+          '--config.wandb.mode=disabled']
 
 
 def environment(tmp):
