@@ -36,7 +36,8 @@ def test_smoke_preset_writes_table(tmp_path):
   for r in rows:
     assert float(r['mean']) > 0 and int(r['n']) >= 1, r
   measured = {r['row'] for r in rows}
-  for row in ('digit_cnn cnnjax', 'digit_cnn cnnjax YNNPACK', 'digit_cnn M=2 vmap', 'digit_cnn M=2 unroll', 'digit_cnn M=2 sequential',
+  for row in ('digit_cnn cnnjax', 'digit_cnn cnnjax YNNPACK', 'digit_cnn M=2 sequential',
+              'digit_cnn M=2 threads / sequential ms/step',
               'digit_cnn lax.scan over 2 steps', 'digit_cnn compile warm / cold s', 'grain mnist_5k loader'):
     assert row in measured, (row, sorted(measured))
   if benchmark.torch_available():

@@ -54,6 +54,7 @@ def get_config(preset=''):
     config.throughput_chunk_steps = 2
     config.repeats = 2
     config.members = (2,)
+    config.member_modes = ('sequential', 'threads')  # vmap and unroll: tests/test_train.py
     config.split_size = 128
     config.grain_batches = 5
     config.progress = False
