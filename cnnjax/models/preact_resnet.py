@@ -10,7 +10,7 @@ activated), global average pooling and the head: 11,172,170 parameters at 10 cla
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import BatchNorm, Backbone
+from cnnjax.models.layers import Backbone, BatchNorm
 from cnnjax.models.registry import Classifier, register
 
 
