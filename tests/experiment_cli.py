@@ -24,9 +24,9 @@ def run(args, tmp, timeout=420):
 def flags(experiment, tmp, preset, *extra):
   """The command-line flags of a run of `experiment` at `preset` that writes only under `tmp` (and
   the session's compile cache, tests/conftest.py)."""
-  compile_cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or tmp / 'jax-cache'
   return [f'--config=experiments/configs/{experiment}.py:{preset}', f'--config.workdir={tmp / "work"}',
-          f'--config.results_dir={tmp / "results"}', f'--config.compile_cache={compile_cache}',
+          f'--config.results_dir={tmp / "results"}',
+          f'--config.compile_cache={os.environ["JAX_COMPILATION_CACHE_DIR"]}',
           '--config.wandb.mode=disabled', *extra]
 
 

@@ -23,7 +23,7 @@ def test_smoke_preset_writes_table(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp_path / 'mpl'), WANDB_MODE='disabled')
   args = [sys.executable, '-m', 'experiments.benchmark', '--config=experiments/configs/benchmark.py:smoke',
           f'--config.workdir={tmp_path / "work"}', f'--config.results_dir={tmp_path / "results"}',
-          f'--config.compile_cache={os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path / "jax-cache"}']
+          f'--config.compile_cache={os.environ["JAX_COMPILATION_CACHE_DIR"]}']  # the session's (conftest.py)
   done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, f'--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}'
   out = tmp_path / 'results' / 'benchmark' / 'smoke'
