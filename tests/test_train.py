@@ -139,6 +139,17 @@ def test_chunk_equals_its_steps_one_by_one(spine):
   assert_trees_close(metrics, jax.tree.map(lambda *xs: np.stack(xs), *history), **TOL)
 
 
+@pytest.mark.parametrize('k', [1, 3])
+def test_chunks_have_no_while_loop(spine, k):
+  """A rolled loop around weight-gradient convolutions runs ~20x slower on XLA:CPU (the step's
+  own loops, e.g. the random-bits generator's, are fine)."""
+  chunk = steps.make_chunk(spine.step, resident_batch, k)
+  one_step = lambda state, split: spine.step(state, resident_batch(split, state))
+  loops = lambda fn: jax.jit(fn).lower(spine.state(0), spine.splits[0]).as_text().count('stablehlo.while')
+  assert loops(chunk) <= loops(one_step)
+  assert jax.eval_shape(chunk, spine.state(0), spine.splits[0])[1]['loss'].shape == (k,)
+
+
 # Seeds side by side -----------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
