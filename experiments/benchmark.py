@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import config as cfg
+from cnnjax import YNN_FUSION_FLAG, config as cfg
 from cnnjax import data, models
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.tables import Table
@@ -33,10 +33,9 @@ from experiments import runner
 
 
 INPUTS = {'digit_cnn': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
-# XLA:CPU hands dots, elementwise ops and reductions to its YNNPACK library fusions. The same as
-# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce, for one program only.
-YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type':
-               'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'}
+# cnnjax hands XLA:CPU's reductions to YNNPACK (cnnjax/__init__.py); for one program, this gives
+# them back to XLA's own loops (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= for a process).
+XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +58,7 @@ def validate(config):
   cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'bf16', 'ynn'):
+  for key in ('torch', 'compile', 'bf16', 'xla_reductions'):
     cfg.check_type(config, key, bool)
   if config.split_size < max(config.batch_sizes[name] for name in config.models):
     raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
@@ -329,10 +328,11 @@ class Benchmark:
         flops = bench.flops(chunk, bench.states()) / k
         if flops:
           self.add(f'{name} cnnjax', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ours])
-      ynn = None
-      if c.ynn and jax.default_backend() == 'cpu':
-        ynn = self.add_step_times(f'{name} cnnjax YNNPACK', bench.timed(bench.chunk(k, YNN_FUSIONS), bench.states(),
-                                                                        c.repeats), k, bench.batch_size)
+      xla = None
+      if c.xla_reductions and jax.default_backend() == 'cpu':
+        xla = self.add_step_times(f'{name} cnnjax, XLA reductions', bench.timed(
+            bench.chunk(k, XLA_REDUCTIONS), bench.states(), c.repeats), k, bench.batch_size)
+        self.add(f'{name} cnnjax / cnnjax, XLA reductions images/s', 'ratio', [x / o for o, x in zip(ours, xla)])
       if c.bf16 and jax.default_backend() != 'cpu':
         low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
         self.add_step_times(f'{name} cnnjax bf16', low.timed(low.chunk(k), low.states(), c.repeats), k,
@@ -341,8 +341,8 @@ class Benchmark:
         seconds, k = torch_seconds(c, name)
         theirs = self.add_step_times(f'{name} torch', seconds, k, bench.batch_size)
         self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
-        if ynn:
-          self.add(f'{name} cnnjax YNNPACK / torch images/s', 'ratio', [t / o for o, t in zip(ynn, theirs)])
+        if xla:
+          self.add(f'{name} cnnjax, XLA reductions / torch images/s', 'ratio', [t / o for o, t in zip(xla, theirs)])
 
   def members(self):
     """(2) M members in one program (vmap, unroll) or on one thread each vs M sequential calls."""
@@ -380,6 +380,12 @@ class Benchmark:
       self.add(f'digit_cnn {label}', 'ms/step', ms[label])
     chunk, loop_label, scan_label = ms
     self.add('digit_cnn Python loop / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[loop_label], ms[chunk])])
+    # time per step = compute + per-call cost / steps per call: the loop pays the cost every step.
+    per_call = [(a - b) * k / (k - 1) for a, b in zip(ms[loop_label], ms[chunk])] if k > 1 else []
+    if per_call:
+      self.add('digit_cnn cost per call (from loop and chunk)', 'ms', per_call)
+      self.add('digit_cnn compute per step (from loop and chunk)', 'ms/step',
+               [b - p / k for b, p in zip(ms[chunk], per_call)])
     self.add('digit_cnn lax.scan / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[scan_label], ms[chunk])])
 
   def compile(self):
@@ -421,8 +427,9 @@ class Benchmark:
         f'32x32x3 at batch {c.batch_sizes.digit_cnn}/{c.batch_sizes.resnet20_cifar}); each value is one '
         f'repeat of {c.chunk_steps} steps (the larger models: {c.large_chunk_steps} steps) after a warm-up call. '
         'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '
-        'ratio < 1: the first is faster; grain > 1: the loader outpaces training). Here n counts timed repeats, '
-        'not seeds.',
+        'ratio < 1: the first is faster; grain > 1: the loader outpaces training). The cost per call (ms) and '
+        'compute per step split the chunk and loop times as compute + cost per call / steps per call. '
+        'Here n counts timed repeats, not seeds.',
         *self.notes])
     self.exp.write_table(self.table, medians=self.medians, cpu_count=os.cpu_count(),
                          load_average=[round(x, 2) for x in os.getloadavg()], torch=_torch_version())

@@ -527,3 +527,16 @@ def test_bfloat16_compute_keeps_float32_parameters_and_trains():
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.5 * losses[0]
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('float32')}
+
+
+def test_cpu_reductions_go_to_ynnpack_and_match_numpy():
+  """cnnjax's CPU default (cnnjax/__init__.py), unless the caller's XLA_FLAGS chose otherwise."""
+  import cnnjax
+  if jax.default_backend() != 'cpu' or cnnjax.CPU_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    pytest.skip('not the CPU default')
+  x = np.random.default_rng(0).normal(size=(16, 8, 8, 32)).astype(np.float32)
+  stats = jax.jit(lambda x: (x.mean(axis=(0, 1, 2)), (x * x).mean(axis=(0, 1, 2))))
+  assert '__ynn_fusion' in stats.lower(x).compile().as_text()
+  mean, square = stats(x)
+  np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(square, (x * x).mean(axis=(0, 1, 2)), rtol=1e-5)

@@ -6,8 +6,8 @@ Table (results/benchmark/<preset>/table.md): rows = measurements, columns = 'ms/
 'images/s', 'ratio' (and 's' for compile times), mean ± std over `repeats` timed repeats
 (each repeat times `chunk_steps` training steps after a warm-up). Measured on the machine that
 runs it: (1) train-step throughput of cnnjax vs a PyTorch eager model of the same architecture,
-batch and optimizer (Adam), on CPU also with XLA's YNNPACK fusions for dots, elementwise ops and
-reductions (`cnnjax YNNPACK` rows: `--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`
+batch and optimizer (Adam), on CPU also with XLA's own reductions instead of the YNNPACK
+reduction fusions cnnjax turns on (`cnnjax, XLA reductions` rows: `--xla_cpu_experimental_ynn_fusion_type=`
 for that program only); (2) M members in one program (vmap, unroll) or on threads vs M sequential
 calls; (3) a device-resident chunk of k unrolled steps vs a Python loop of jitted steps vs a rolled
 lax.scan; (4) cold vs warm compile with the persistent compilation cache (fresh subprocesses);
@@ -41,7 +41,7 @@ def get_config(preset=''):
   config.grain_dataset = 'mnist_5k'
   config.grain_batches = 40             # timed grain batches per repeat
   config.bf16 = False                   # bf16 images/s rows (accelerators only)
-  config.ynn = True                     # CPU: also time each model with XLA's YNNPACK fusions ('cnnjax YNNPACK' rows)
+  config.xla_reductions = True          # CPU: also time each model with XLA's own reductions ('cnnjax, XLA reductions' rows)
   config.peak_flops = 0.0               # peak FLOP/s of one device for MFU (0 = no MFU rows)
   config.eval_every = 0
   config.checkpoint_every = 0
