@@ -188,14 +188,19 @@ def provenance_markdown(record):
           f'config hash {record.get("config_hash")}.\n')
 
 
-def _git(*args):
-  """Output of a git command in the repository holding cnnjax, or None without git or repo."""
+def _git(*args, cwd=Path(__file__).resolve().parent):
+  """Output of a git command in the repository holding `cwd` (cnnjax's), or None without git or repo."""
   try:
-    result = subprocess.run(['git', *args], cwd=Path(__file__).resolve().parent,
-                            capture_output=True, text=True, timeout=10, check=True)
+    result = subprocess.run(['git', *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
   except (OSError, subprocess.SubprocessError):
     return None
   return result.stdout.strip()
+
+
+def code_changed(cwd=Path(__file__).resolve().parent):
+  """Whether tracked files differ from the commit, outside results/ (what runs write); None without git."""
+  status = _git('status', '--porcelain', '--untracked-files=no', '--', ':/', ':(top,exclude)results', cwd=cwd)
+  return None if status is None else bool(status)
 
 
 def _version(package):
@@ -206,18 +211,17 @@ def _version(package):
 
 
 def provenance(command, config_hash, **extra):
-  """How a table was made: git commit + dirty flag (tracked files only), package versions,
-  devices, python, UTC date, the command and config hash, plus `extra`. No hostname,
+  """How a table was made: git commit + dirty flag (tracked files outside results/), package
+  versions, devices, python, UTC date, the command and config hash, plus `extra`. No hostname,
   environment variables or credentials."""
   import jax
   devices = jax.devices()
-  status = _git('status', '--porcelain', '--untracked-files=no')
   return {
       'command': command if isinstance(command, str) else shlex.join(command),
       'config_hash': config_hash,
       'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
       'git_commit': _git('rev-parse', 'HEAD'),
-      'git_dirty': None if status is None else bool(status),
+      'git_dirty': code_changed(),
       'versions': {package: _version(package) for package in PACKAGES},
       'python': platform.python_version(),
       'device': {'platform': devices[0].platform, 'kind': devices[0].device_kind,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -84,6 +85,20 @@ def test_provenance_has_commit_versions_command_and_no_environment(monkeypatch):
   assert info['date'].endswith('+00:00')
   text = json.dumps(info)
   assert 'very-secret-key' not in text and 'PATH' not in text
+
+
+def test_dirty_means_code_changed_not_results(tmp_path):
+  git = lambda *args: subprocess.run(['git', *args], cwd=tmp_path, check=True, capture_output=True)
+  git('init', '-q')
+  (tmp_path / 'results').mkdir()
+  (tmp_path / 'results' / 'table.md').write_text('old')
+  (tmp_path / 'train.py').write_text('lr = 0.1')
+  git('add', '.')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'start')
+  (tmp_path / 'results' / 'table.md').write_text('new')  # a run writes its table
+  assert tables.code_changed(tmp_path / 'results') is False
+  (tmp_path / 'train.py').write_text('lr = 0.2')
+  assert tables.code_changed(tmp_path / 'results') is True
 
 
 def test_provenance_without_git(monkeypatch):
