@@ -6,14 +6,24 @@ statistics and their gradients, bias gradients, pooling) far faster than XLA's o
 CPU cores, batch 128: CIFAR ResNet-20 ~670 -> ~430 ms/step, the digit CNN ~70 -> ~52; at batch
 32 they are no slower. YNNPACK's elementwise and dot fusions are left off: they slow small
 batches (digit CNN at batch 32: 15 -> 21-29 ms/step). A value already in XLA_FLAGS wins
-(`--xla_cpu_experimental_ynn_fusion_type=` turns the fusions off); the flag does nothing on
-accelerators, nor once JAX's CPU backend has started. README: Benchmark.
+(`--xla_cpu_experimental_ynn_fusion_type=` turns the fusions off); the flag does nothing on GPUs,
+nor once JAX's CPU backend has started, and is not set where libtpu is installed (TPU runtimes
+parse XLA_FLAGS with their own, possibly older, flag list). README: Benchmark.
 """
 
+import importlib.util
 import os
 
 YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_XLA_FLAGS = f'--{YNN_FUSION_FLAG}=reduce'
 
-if YNN_FUSION_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+
+def with_cpu_defaults(xla_flags, tpu_host):
+  """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this is a TPU host."""
+  if tpu_host or YNN_FUSION_FLAG in xla_flags:
+    return xla_flags
+  return f'{xla_flags} {CPU_XLA_FLAGS}'.strip()
+
+
+os.environ['XLA_FLAGS'] = with_cpu_defaults(os.environ.get('XLA_FLAGS', ''),
+                                            tpu_host=importlib.util.find_spec('libtpu') is not None)
