@@ -1,8 +1,9 @@
 """Benchmark: how fast cnnjax trains on this machine, against PyTorch eager and against itself.
 
 Every measurement times `repeats` repeats of `chunk_steps` training steps after a warm-up call
-(which compiles), blocking on the results; the table shows mean ± std over the repeats and
-provenance.json the medians. Speed targets live here and in the README, never in tests.
+(which compiles), blocking on the results; the variants of one comparison take turns within each
+repeat, so that a shared machine's slow drifts hit them alike. The table shows mean ± std over the
+repeats and provenance.json the medians. Speed targets live here and in the README, never in tests.
 Presets, command and table: experiments/configs/benchmark.py.
 """
 
@@ -70,17 +71,22 @@ def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
 
 
-def time_repeats(call, state, repeats, warmup=1):
-  """Seconds of each of `repeats` calls of `state = call(state)`, after `warmup` untimed calls
-  (the first compiles). Returns (seconds per repeat, final state)."""
-  for _ in range(warmup):
-    state = block(call(state))
-  seconds = []
+def time_repeats(timers, repeats, warmup=1):
+  """{label: seconds of each of `repeats` timed calls} for `timers` = {label: (call, state)}, each
+  call `state = call(state)`, after `warmup` untimed calls each (the first compiles). The labels
+  take turns within every repeat, so that a shared machine's slow drifts hit them alike."""
+  states = {}
+  for label, (call, state) in timers.items():
+    for _ in range(warmup):
+      state = block(call(state))
+    states[label] = state
+  seconds = {label: [] for label in timers}
   for _ in range(repeats):
-    started = time.perf_counter()
-    state = block(call(state))
-    seconds.append(time.perf_counter() - started)
-  return seconds, state
+    for label, (call, _) in timers.items():
+      started = time.perf_counter()
+      states[label] = block(call(states[label]))
+      seconds[label].append(time.perf_counter() - started)
+  return seconds
 
 
 # cnnjax programs --------------------------------------------------------------------------------
@@ -129,9 +135,9 @@ class Bench:
   def members(self, k, mode):
     return steps.over_members(steps.make_chunk(self.step, self.batch_fn, k), mode, source_axes={'split': None})
 
-  def timed(self, fn, state, repeats):
-    """Seconds per repeat of `state = fn(state, source)[0]`."""
-    return time_repeats(lambda s: fn(s, self.source)[0], state, repeats)[0]
+  def timer(self, fn, state):
+    """`state = fn(state, source)[0]` as a (call, state) pair for `time_repeats`."""
+    return lambda s: fn(s, self.source)[0], state
 
   def flops(self, fn, state):
     """Flops of one call of the jitted `fn` from XLA's cost analysis (0 when it has none)."""
@@ -196,9 +202,9 @@ def torch_model(name):
   raise ValueError(name)
 
 
-def torch_seconds(config, name):
-  """Seconds per repeat of `chunk_steps` PyTorch eager Adam steps of the twin model, on the GPU
-  when JAX runs on one and torch sees it, else on the CPU."""
+def torch_timer(config, name):
+  """A (call, state) pair for `time_repeats`: the call runs the cnnjax chunk's number of PyTorch
+  eager Adam steps of the twin model, on the GPU when JAX runs on one and torch sees it, else on the CPU."""
   import torch
   torch.manual_seed(0)
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
@@ -222,7 +228,7 @@ def torch_seconds(config, name):
     return loss.item()
 
   k = chunk_steps_for(config, name)
-  return time_repeats(lambda _: train_steps(k), None, config.repeats)[0], k
+  return lambda _: train_steps(k), None
 
 
 def chunk_steps_for(config, name):
@@ -278,7 +284,7 @@ def grain_seconds(config, batch_size):
       batch = next(batches)
     return batch['image'].shape[0]
 
-  return time_repeats(read, None, config.repeats)[0]
+  return time_repeats({'grain': (read, None)}, config.repeats)['grain']
 
 
 # The benchmark ----------------------------------------------------------------------------------
@@ -319,27 +325,28 @@ class Benchmark:
     for name in c.models:
       print(f'[throughput] {name}', flush=True)
       bench, k = Bench(c, self.exp.mesh, name), chunk_steps_for(c, name)
-      chunk = bench.chunk(k)
-      ours = self.add_step_times(f'{name} cnnjax', bench.timed(chunk, bench.states(), c.repeats), k,
-                                 bench.batch_size)
+      chunk, cpu = bench.chunk(k), jax.default_backend() == 'cpu'
+      timers = {'cnnjax': bench.timer(chunk, bench.states())}
+      if c.xla_reductions and cpu:
+        timers['cnnjax, XLA reductions'] = bench.timer(bench.chunk(k, XLA_REDUCTIONS), bench.states())
+      if c.bf16 and not cpu:
+        low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
+        timers['cnnjax bf16'] = low.timer(low.chunk(k), low.states())
+      if have_torch:
+        timers['torch'] = torch_timer(c, name)
+      ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
+            for label, seconds in time_repeats(timers, c.repeats).items()}
+      ours, xla = ms['cnnjax'], ms.get('cnnjax, XLA reductions')
       if name == 'digit_cnn':
         self.consumed = [1000 * bench.batch_size / m for m in ours]
-      if c.peak_flops and jax.default_backend() != 'cpu':
+      if c.peak_flops and not cpu:
         flops = bench.flops(chunk, bench.states()) / k
         if flops:
           self.add(f'{name} cnnjax', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ours])
-      xla = None
-      if c.xla_reductions and jax.default_backend() == 'cpu':
-        xla = self.add_step_times(f'{name} cnnjax, XLA reductions', bench.timed(
-            bench.chunk(k, XLA_REDUCTIONS), bench.states(), c.repeats), k, bench.batch_size)
+      if xla:
         self.add(f'{name} cnnjax / cnnjax, XLA reductions images/s', 'ratio', [x / o for o, x in zip(ours, xla)])
-      if c.bf16 and jax.default_backend() != 'cpu':
-        low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
-        self.add_step_times(f'{name} cnnjax bf16', low.timed(low.chunk(k), low.states(), c.repeats), k,
-                            low.batch_size)
       if have_torch:
-        seconds, k = torch_seconds(c, name)
-        theirs = self.add_step_times(f'{name} torch', seconds, k, bench.batch_size)
+        theirs = ms['torch']
         self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
         if xla:
           self.add(f'{name} cnnjax, XLA reductions / torch images/s', 'ratio', [t / o for o, t in zip(xla, theirs)])
@@ -350,10 +357,9 @@ class Benchmark:
     bench, k = Bench(c, self.exp.mesh, 'digit_cnn'), c.member_chunk_steps
     for m in c.members:
       print(f'[members] M={m}', flush=True)
-      ms = {}
-      for mode in c.member_modes:
-        seconds = bench.timed(bench.members(k, mode), bench.states(m), c.repeats)
-        ms[mode] = [1000 * s / k for s in seconds]
+      timers = {mode: bench.timer(bench.members(k, mode), bench.states(m)) for mode in c.member_modes}
+      ms = {mode: [1000 * s / k for s in seconds] for mode, seconds in time_repeats(timers, c.repeats).items()}
+      for mode in ms:
         self.add(f'digit_cnn M={m} {mode}', 'ms/step', ms[mode])
       if 'sequential' in ms:
         for mode in [mode for mode in ms if mode != 'sequential']:
@@ -372,11 +378,11 @@ class Benchmark:
         state, metrics = single(state, source)
       return state, metrics
 
-    ms = {}
-    for label, fn in ((f'chunk of {k} unrolled', bench.chunk(k)), (f'Python loop of {k} jitted steps', loop),
-                      (f'lax.scan over {k} steps', bench.scan(k))):
-      seconds = bench.timed(fn, bench.states(), c.repeats)
-      ms[label] = [1000 * s / k for s in seconds]
+    timers = {label: bench.timer(fn, bench.states()) for label, fn in (
+        (f'chunk of {k} unrolled', bench.chunk(k)), (f'Python loop of {k} jitted steps', loop),
+        (f'lax.scan over {k} steps', bench.scan(k)))}
+    ms = {label: [1000 * s / k for s in seconds] for label, seconds in time_repeats(timers, c.repeats).items()}
+    for label in ms:
       self.add(f'digit_cnn {label}', 'ms/step', ms[label])
     chunk, loop_label, scan_label = ms
     self.add('digit_cnn Python loop / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[loop_label], ms[chunk])])

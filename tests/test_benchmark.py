@@ -50,6 +50,18 @@ def test_smoke_preset_writes_table(tmp_path):
       'python -m experiments.benchmark')
 
 
+def test_timed_variants_take_turns_and_carry_their_state():
+  log = []
+  def counter(label):
+    def call(state):
+      log.append((label, state))
+      return state + 1
+    return call
+  seconds = benchmark.time_repeats({'a': (counter('a'), 0), 'b': (counter('b'), 10)}, repeats=2)
+  assert log == [('a', 0), ('b', 10), ('a', 1), ('b', 11), ('a', 2), ('b', 12)]  # warm-ups, then turns
+  assert set(seconds) == {'a', 'b'} and all(len(s) == 2 and min(s) >= 0 for s in seconds.values())
+
+
 def test_validation_names_the_key():
   config = get_config('smoke')
   config.models = ('alexnet_nope',)
