@@ -49,7 +49,7 @@ def validate(config):
     cfg.check_type(config, f'batch_sizes.{name}', int)
     cfg.check_batch_fits_devices(config, f'batch_sizes.{name}')
   for key in ('throughput_chunk_steps', 'large_chunk_steps', 'repeats', 'member_chunk_steps', 'split_size',
-              'grain_batches'):
+              'grain_batches', 'compile_repeats'):
     cfg.check_type(config, key, int)
     cfg.check_positive(config, key)
   cfg.check_type(config, 'members', (list, tuple))
@@ -397,13 +397,15 @@ class Benchmark:
   def compile(self):
     """(4) Cold compile vs warm start from the persistent compilation cache, in fresh processes."""
     c = self.config
-    print('[compile] cold, then warm', flush=True)
-    with tempfile.TemporaryDirectory(prefix='cnnjax-bench-cache-') as cache:
-      cold = compile_seconds(c, cache)
-      warm = compile_seconds(c, cache)
-    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, cold', 's', [cold])
-    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, warm cache', 's', [warm])
-    self.add('digit_cnn compile warm / cold s', 'ratio', [warm / cold])
+    print(f'[compile] cold, then warm, {c.compile_repeats} time(s)', flush=True)
+    cold, warm = [], []
+    for _ in range(c.compile_repeats):  # each pair with an empty cache of its own
+      with tempfile.TemporaryDirectory(prefix='cnnjax-bench-cache-') as cache:
+        cold.append(compile_seconds(c, cache))
+        warm.append(compile_seconds(c, cache))
+    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, cold', 's', cold)
+    self.add(f'digit_cnn chunk of {c.chunk_steps} compile, warm cache', 's', warm)
+    self.add('digit_cnn compile warm / cold s', 'ratio', [w / cold_s for w, cold_s in zip(warm, cold)])
 
   def grain(self):
     """(5) grain loader images/s vs the digit CNN's consumption."""

@@ -38,6 +38,7 @@ def get_config(preset=''):
   config.split_size = 1024              # synthetic device-resident examples the batches are drawn from
   config.torch = True                   # the PyTorch eager rows (skipped when torch is missing)
   config.compile = True                 # cold vs warm compile in fresh subprocesses
+  config.compile_repeats = 3            # cold/warm pairs, each with an empty cache
   config.grain_dataset = 'mnist_5k'
   config.grain_batches = 40             # timed grain batches per repeat
   config.bf16 = False                   # bf16 images/s rows (accelerators only)
@@ -57,6 +58,7 @@ def get_config(preset=''):
     config.member_modes = ('sequential', 'threads')  # vmap and unroll: tests/test_train.py
     config.split_size = 128
     config.grain_batches = 5
+    config.compile_repeats = 1
     config.progress = False
   elif config.preset == 'paper':
     config.models = ('digit_cnn', 'resnet20_cifar', 'resnet50')
