@@ -18,11 +18,14 @@ YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_XLA_FLAGS = f'--{YNN_FUSION_FLAG}=reduce'
 
 
+def with_xla_flag(xla_flags, flag, value):
+  """XLA_FLAGS with `--flag=value` added, unless they already set `flag` (the caller's choice wins)."""
+  return xla_flags if flag in xla_flags else f'{xla_flags} --{flag}={value}'.strip()
+
+
 def with_cpu_defaults(xla_flags, tpu_host):
   """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this is a TPU host."""
-  if tpu_host or YNN_FUSION_FLAG in xla_flags:
-    return xla_flags
-  return f'{xla_flags} {CPU_XLA_FLAGS}'.strip()
+  return xla_flags if tpu_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, 'reduce')
 
 
 os.environ['XLA_FLAGS'] = with_cpu_defaults(os.environ.get('XLA_FLAGS', ''),

@@ -1,6 +1,6 @@
 """Test-session environment: TFDS data, compile cache and W&B stay out of the user's home directory; XLA compiles fast.
 
-Set at import time, before any test imports cnnjax, and with `setdefault` so a caller's choice wins.
+Set at import time, before any test starts JAX, and so that a caller's choice wins.
 pytest-xdist workers inherit the controller's environment, so the whole session shares one data dir.
 Tests that need their own data dir (tests/test_data.py) pass it explicitly or monkeypatch the variable.
 """
@@ -9,6 +9,8 @@ import atexit
 import os
 import shutil
 import tempfile
+
+from cnnjax import with_xla_flag  # sets nothing but cnnjax's own CPU default (cnnjax/__init__.py)
 
 if 'CNNJAX_DATA_DIR' not in os.environ:
   _DATA_DIR = tempfile.mkdtemp(prefix='cnnjax-tests-tfds-')
@@ -19,9 +21,7 @@ if 'CNNJAX_DATA_DIR' not in os.environ:
 # compiles them about 1.6x faster (model-zoo sample: 77 -> 47 s of CPU time) with the same numbers;
 # convolutions call precompiled library kernels either way. (Level 0 compiles faster still but
 # miscompiles: NaN gradients through batch norm -> ReLU -> a cropping max pool.) Children inherit it.
-FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=1'
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+os.environ['XLA_FLAGS'] = with_xla_flag(os.environ.get('XLA_FLAGS', ''), 'xla_backend_optimization_level', 1)
 
 # One persistent compilation cache for the session: both workers and every experiment subprocess
 # (tests/experiment_cli.py) reuse what another already compiled, small programs included

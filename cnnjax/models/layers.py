@@ -9,8 +9,8 @@ class RunningStat(nnx.BatchStat):
   """A batch-norm running statistic whose whole-array update (`stat[...] = x`) replaces the value.
 
   Flax's generic update compares the new value's `sharding`, and on a tracer JAX answers that by
-  building an error message that walks everything traced so far: 40% of the time to trace an
-  unrolled 10-step chunk of the digit CNN, growing with the chunk's length."""
+  building an error message that walks everything traced so far: 40% of the time to trace the
+  digit CNN's 10-step chunk when each step was traced in turn, growing with everything traced."""
 
   def __setitem__(self, index, value):
     current = self.get_value()
