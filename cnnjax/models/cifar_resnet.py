@@ -10,7 +10,7 @@ channels where the shape changes), so ResNet-20/32/44/56/110 have 0.27M/0.46M/0.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import Backbone, ConvBN, Sequence
+from cnnjax.models.layers import Backbone, ConvBN, Sequence, residual_relu
 from cnnjax.models.registry import Classifier, register
 
 DEPTHS = (20, 32, 44, 56, 110)
@@ -29,7 +29,7 @@ class BasicBlock(nnx.Module):
     shortcut = x[:, ::self.stride, ::self.stride, :]
     if self.pad:
       shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (self.pad // 2, self.pad - self.pad // 2)))
-    return nnx.relu(y + shortcut)
+    return residual_relu(y, shortcut)
 
 
 def cifar_backbone(depth, channels, *, rngs, dtype, blocks=None):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnnjax.models.alexnet import max_pool3
-from cnnjax.models.layers import Backbone, ConvBN, Sequence
+from cnnjax.models.layers import Backbone, ConvBN, Sequence, residual_relu
 from cnnjax.models.registry import Classifier, register
 
 # Table 1: the block and the number of blocks in each stage
@@ -34,7 +34,7 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x):
     y = self.conv2(self.conv1(x))
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+    return residual_relu(y, self.shortcut(x) if self.shortcut is not None else x)
 
 
 class Bottleneck(nnx.Module):
@@ -52,7 +52,7 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x):
     y = self.conv3(self.conv2(self.conv1(x)))
-    return nnx.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
+    return residual_relu(y, self.shortcut(x) if self.shortcut is not None else x)
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
