@@ -153,8 +153,11 @@ def test_jitted_forward_and_backward_are_finite(name):
 def test_residual_relu_is_the_relu_of_the_sum_in_value_and_gradient():
   rng = np.random.default_rng(0)
   y, shortcut = (jnp.asarray(rng.normal(size=(4, 5, 5, 3)).astype(np.float32)) for _ in range(2))
-  ours = lambda y, s: (residual_relu(y, s) * jnp.arange(3.0)).sum()
-  plain = lambda y, s: (nnx.relu(y + s) * jnp.arange(3.0)).sum()
+  y = y.at[0].set(-shortcut[0]).at[1].set(0.0)  # ties at zero, with and without a zero shortcut
+  shortcut = shortcut.at[1, :, :, 0].set(0.0)
+  weights = jnp.arange(1.0, 4.0)
+  ours = lambda y, s: (residual_relu(y, s) * weights).sum()
+  plain = lambda y, s: (nnx.relu(y + s) * weights).sum()
   np.testing.assert_array_equal(residual_relu(y, shortcut), nnx.relu(y + shortcut))
   for a, b in zip(jax.grad(ours, (0, 1))(y, shortcut), jax.grad(plain, (0, 1))(y, shortcut)):
     np.testing.assert_array_equal(a, b)

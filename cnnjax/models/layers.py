@@ -48,12 +48,12 @@ class ConvBN(nnx.Module):
 
 def residual_relu(y, shortcut):
   """relu(y + shortcut), the output of a post-activation residual block (He et al. 2016), written as
-  max(y, -shortcut) + shortcut: the same values, and an addition of two full-size operands that
-  XLA:CPU computes once. With the ReLU last, XLA treats the block output as free to recompute and
-  rebuilds the residual stream back to the stage's first block inside every consumer, among them the
-  transposes that feed the weight-gradient convolutions (~half the ResNet-20 step on 2 CPU cores).
-  README: Benchmark."""
-  return jnp.maximum(y, -shortcut) + shortcut
+  where(y > -shortcut, y, -shortcut) + shortcut: the same values and gradients, and an addition of two
+  full-size operands, which XLA:CPU computes once. With the ReLU last, XLA treats the block output as
+  free to recompute and rebuilds the residual stream back to the stage's first block inside every
+  consumer, among them the transposes that feed the weight-gradient convolutions (~half the ResNet-20
+  step on 2 CPU cores). README: Benchmark."""
+  return jnp.where(y > -shortcut, y, -shortcut) + shortcut
 
 
 class Sequence(nnx.Module):
