@@ -1,5 +1,5 @@
-"""Models: parameter counts (the papers' numbers), a jitted forward/backward pass, clear shape
-errors, the registry's error and the transfer parameter groups."""
+"""Models: parameter counts (the papers' numbers), a jitted forward/backward pass, the residual
+ReLU, clear shape errors, the registry's error and the transfer parameter groups."""
 
 import math
 import re
@@ -164,17 +164,18 @@ def test_residual_relu_is_the_relu_of_the_sum_in_value_and_gradient():
 
 
 def test_resnet_training_computes_each_block_output_once():
-  """No XLA fusion of the compiled ResNet-20 train step rebuilds the residual stream: each holds at
-  most two activation-sized maximums (one block's ReLU and its residual ReLU). With relu(y + shortcut)
-  XLA:CPU recomputes earlier blocks inside later consumers (layers.residual_relu)."""
+  """No transpose of the compiled ResNet-20 train step (XLA:CPU's weight-gradient convolutions read
+  their input transposed) rebuilds the residual stream: each reads at most two activations (one
+  block's). With relu(y + shortcut) XLA recomputed earlier blocks inside it: up to four
+  (layers.residual_relu)."""
   model = models.build('resnet20_cifar', num_classes=5, seed=0)
   tx = optax.sgd(0.1)
   step = steps.make_train_step(train_state.split_model(model)[0], tx, cross_entropy)
   batch = {'image': np.zeros((4, 16, 16, 3), np.float32), 'label': np.arange(4, dtype=np.int32)}
   hlo = jax.jit(step).lower(train_state.create(model, tx, 0), batch).compile().as_text()
-  fusions = hlo.split('\n\n')
-  maximums = [len(re.findall(r'= f32\[4,\d+,\d+,\d+\]\{[0-9,]+\} maximum\(', f)) for f in fusions]
-  assert 0 < max(maximums) <= 2
+  fused = [c for c in hlo.split('\n\n') if c.startswith('%fused') and ' transpose(' in c]
+  activations_read = [len(re.findall(r': f32\[4,\d+,\d+,\d+\]', c.split('\n')[0])) for c in fused]
+  assert fused and max(activations_read) <= 2
 
 
 @pytest.mark.parametrize('name, family, right, wrong', [
