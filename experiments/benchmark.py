@@ -430,9 +430,11 @@ class Benchmark:
 
   def write(self):
     c = self.config
+    # The digit CNN also runs the members, chunks and grain sections.
+    shapes = ', '.join(f'{name} {INPUTS[name][0]}x{INPUTS[name][0]}x{INPUTS[name][1]} at batch {c.batch_sizes[name]}'
+                       for name in dict.fromkeys(('digit_cnn', *c.models)))
     self.table.caption = ' '.join([
-        f'Training steps with Adam on synthetic device-resident batches (digit CNN 28x28x1 and ResNet-20 '
-        f'32x32x3 at batch {c.batch_sizes.digit_cnn}/{c.batch_sizes.resnet20_cifar}); each value is one '
+        f'Training steps with Adam on synthetic device-resident batches ({shapes}); each value is one '
         f'repeat of {c.chunk_steps} steps (the larger models: {c.large_chunk_steps} steps) after a warm-up call. '
         'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '
         'ratio < 1: the first is faster; grain > 1: the loader outpaces training). The cost per call (ms) and '

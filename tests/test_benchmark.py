@@ -47,6 +47,8 @@ def test_smoke_preset_writes_table(tmp_path):
     assert {'digit_cnn cnnjax / torch images/s', 'digit_cnn cnnjax, XLA reductions / torch images/s'} <= measured
   else:
     assert 'torch is not installed' in done.stdout
+  caption = (out / 'table.md').read_text()  # names the models measured, with their input and batch
+  assert 'digit_cnn 28x28x1 at batch 32' in caption and 'resnet20' not in caption
   record = json.loads((out / 'provenance.json').read_text())
   assert record['experiment'] == 'benchmark' and record['medians'] and record['command'].startswith(
       'python -m experiments.benchmark')
