@@ -25,7 +25,7 @@ def get_config(preset=''):
   config = base_config('benchmark', preset)
   config.seeds = 1                      # not used: members are set by `members`
   config.models = ('digit_cnn', 'resnet20_cifar')
-  # Batch per model (ResNet-50 at 224x224 only in `paper`: minutes per step on 2 CPU cores).
+  # Batch per model (ResNet-50 at 224x224 only in `paper`: ~10 s per step on 2 CPU cores).
   config.batch_sizes = ml_collections.ConfigDict({'digit_cnn': 128, 'resnet20_cifar': 128, 'resnet50': 32})
   config.learning_rate = 1e-3           # Adam on both sides
   config.chunk_steps = 10               # k: steps per timed repeat, unrolled in one program
