@@ -15,7 +15,8 @@ import importlib.util
 import os
 
 YNN_FUSION_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
-CPU_XLA_FLAGS = f'--{YNN_FUSION_FLAG}=reduce'
+YNN_FUSION_DEFAULT = 'reduce'
+CPU_XLA_FLAGS = f'--{YNN_FUSION_FLAG}={YNN_FUSION_DEFAULT}'
 
 
 def with_xla_flag(xla_flags, flag, value):
@@ -25,7 +26,7 @@ def with_xla_flag(xla_flags, flag, value):
 
 def with_cpu_defaults(xla_flags, tpu_host):
   """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this is a TPU host."""
-  return xla_flags if tpu_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, 'reduce')
+  return xla_flags if tpu_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, YNN_FUSION_DEFAULT)
 
 
 os.environ['XLA_FLAGS'] = with_cpu_defaults(os.environ.get('XLA_FLAGS', ''),

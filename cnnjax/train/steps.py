@@ -3,8 +3,8 @@
 A loss function has the signature `loss_fn(model, batch, rng) -> (loss, metrics)`;
 the model arrives merged and in training mode. Steps are pure functions of
 `(state, batch)`; `chunk` unrolls k of them in one program, which XLA:CPU runs
-~1.5x faster than a Python loop of jitted steps (digit CNN, k = 10: it pays the cost
-of a call once) and 20-40x faster than a rolled `lax.scan` around weight-gradient
+1.3-1.45x faster than a Python loop of jitted steps (digit CNN, k = 10: it pays the
+cost of a call once) and 20-40x faster than a rolled `lax.scan` around weight-gradient
 convolutions. `over_members` runs several
 seeds (or ensemble members) of one table cell in one program.
 """
