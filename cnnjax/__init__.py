@@ -7,8 +7,9 @@ CPU cores, batch 128: CIFAR ResNet-20 ~670 -> ~430 ms/step, the digit CNN ~70 ->
 32 they are no slower. YNNPACK's elementwise and dot fusions are left off: they slow small
 batches (digit CNN at batch 32: 15 -> 21-29 ms/step). A value already in XLA_FLAGS wins
 (`--xla_cpu_experimental_ynn_fusion_type=` turns the fusions off); the flag does nothing on GPUs,
-nor once JAX's CPU backend has started, and is not set where libtpu is installed (TPU runtimes
-parse XLA_FLAGS with their own, possibly older, flag list). README: Benchmark.
+nor once JAX's CPU backend has started, and is not set where an accelerator plugin is installed
+(libtpu, or JAX's CUDA plugin: their runtimes parse XLA_FLAGS with their own flag lists, which may
+lack it). README: Benchmark.
 """
 
 import importlib.util
@@ -24,10 +25,13 @@ def with_xla_flag(xla_flags, flag, value):
   return xla_flags if flag in xla_flags else f'{xla_flags} --{flag}={value}'.strip()
 
 
-def with_cpu_defaults(xla_flags, tpu_host):
-  """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this is a TPU host."""
-  return xla_flags if tpu_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, YNN_FUSION_DEFAULT)
+ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin')
+
+
+def with_cpu_defaults(xla_flags, accelerator_host):
+  """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this host has an accelerator plugin."""
+  return xla_flags if accelerator_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, YNN_FUSION_DEFAULT)
 
 
 os.environ['XLA_FLAGS'] = with_cpu_defaults(os.environ.get('XLA_FLAGS', ''),
-                                            tpu_host=importlib.util.find_spec('libtpu') is not None)
+                                            accelerator_host=any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS))

@@ -324,14 +324,14 @@ class Benchmark:
                         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
     for name in c.models:
       print(f'[throughput] {name}', flush=True)
-      bench, k = Bench(c, self.exp.mesh, name), chunk_steps_for(c, name)
-      chunk, cpu = bench.chunk(k), jax.default_backend() == 'cpu'
-      timers = {'cnnjax': bench.timer(chunk, bench.states())}
+      bench, k, cpu = Bench(c, self.exp.mesh, name), chunk_steps_for(c, name), jax.default_backend() == 'cpu'
+      programs = {'cnnjax': (bench, bench.chunk(k))}  # label: (bench, jitted chunk)
       if c.xla_reductions and cpu:
-        timers['cnnjax, XLA reductions'] = bench.timer(bench.chunk(k, XLA_REDUCTIONS), bench.states())
+        programs['cnnjax, XLA reductions'] = bench, bench.chunk(k, XLA_REDUCTIONS)
       if c.bf16 and not cpu:
         low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
-        timers['cnnjax bf16'] = low.timer(low.chunk(k), low.states())
+        programs['cnnjax bf16'] = low, low.chunk(k)
+      timers = {label: b.timer(fn, b.states()) for label, (b, fn) in programs.items()}
       if have_torch:
         timers['torch'] = torch_timer(c, name)
       ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
@@ -339,10 +339,12 @@ class Benchmark:
       ours, xla = ms['cnnjax'], ms.get('cnnjax, XLA reductions')
       if name == 'digit_cnn':
         self.consumed = [1000 * bench.batch_size / m for m in ours]
-      if c.peak_flops and not cpu:
-        flops = bench.flops(chunk, bench.states()) / k
+      if c.peak_flops and not cpu:  # of the bf16 program when there is one: peak_flops is a bf16 peak
+        label = 'cnnjax bf16' if 'cnnjax bf16' in ms else 'cnnjax'
+        b, fn = programs[label]
+        flops = b.flops(fn, b.states()) / k
         if flops:
-          self.add(f'{name} cnnjax', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ours])
+          self.add(f'{name} {label}', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ms[label]])
       if xla:
         self.add(f'{name} cnnjax / cnnjax, XLA reductions images/s', 'ratio', [x / o for o, x in zip(ours, xla)])
       if have_torch:
@@ -355,7 +357,7 @@ class Benchmark:
     """(2) M members in one program (vmap, unroll) or on one thread each vs M sequential calls."""
     c = self.config
     bench, k = Bench(c, self.exp.mesh, 'digit_cnn'), c.member_chunk_steps
-    for m in c.members:
+    for m in sorted(c.members):
       print(f'[members] M={m}', flush=True)
       timers = {mode: bench.timer(bench.members(k, mode), bench.states(m)) for mode in c.member_modes}
       ms = {mode: [1000 * s / k for s in seconds] for mode, seconds in time_repeats(timers, c.repeats).items()}
@@ -365,6 +367,11 @@ class Benchmark:
         for mode in [mode for mode in ms if mode != 'sequential']:
           self.add(f'digit_cnn M={m} {mode} / sequential ms/step', 'ratio',
                    [a / b for a, b in zip(ms[mode], ms['sequential'])])
+      if m == 1:
+        one = ms
+      elif 1 in c.members:  # what M members cost against one (members runs M=1 first: sorted)
+        for mode in ms:
+          self.add(f'digit_cnn M={m} / M=1 {mode} ms/step', 'ratio', [a / b for a, b in zip(ms[mode], one[mode])])
 
   def chunks(self):
     """(3) k unrolled steps in one program vs a Python loop of jitted steps vs a rolled scan."""

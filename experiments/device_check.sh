@@ -14,16 +14,19 @@
 #                                                     prepared in the TFDS data dir, else on the embedded
 #                                                     mnist_5k -> sklearn_digits;
 #                                                  and write their tables, provenance and a log under OUT.
-# Environment: PEAK_FLOPS (the device's dense bf16 peak, FLOP/s; default H100 SXM 989e12),
-# PYTHON (default python3), CNNJAX_DATA_DIR (TFDS data dir).
+#                                                  A step that fails is logged and the next one runs; the
+#                                                  exit status is 1 if any failed.
+# Environment: PEAK_FLOPS (the device's dense bf16 peak, FLOP/s; default H100/H200 SXM 989e12),
+# PYTHON (default python3), CNNJAX_DATA_DIR (TFDS data dir), BENCHMARK_FLAGS and TRANSFER_FLAGS
+# (extra --config.KEY=VALUE flags, space-separated, appended so that they win: to fit a time limit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 # Not in a typical JAX GPU image; versions from constraints.txt.
-PACKAGES=(tensorflow-datasets grain array_record ml_collections mlxtend kanjivg importlib_resources dm-tree
+PACKAGES=(tensorflow-datasets grain array_record ml_collections mlxtend importlib_resources dm-tree
           promise simple-parsing docstring_parser tensorflow-metadata googleapis-common-protos termcolor toml
-          immutabledict portpicker)
+          immutabledict portpicker)  # kanjivg (the kanji_glyphs data, 22 MB) is not used here
 
 pinned() {  # NAME==VERSION from constraints.txt (names compare case- and -/_-insensitively)
   local pattern="^${1//[-_]/[-_]}=="
@@ -62,9 +65,14 @@ if backend == 'cpu':
   raise SystemExit('device_check: JAX sees no accelerator (install jax[cuda12], or run ./run.sh benchmark on CPU)')
 EOF
 
+read -ra benchmark_flags <<<"${BENCHMARK_FLAGS:-}"
+read -ra transfer_flags <<<"${TRANSFER_FLAGS:-}"
+failed=()
+
 echo "== benchmark (paper preset)"
 $PYTHON -m experiments.benchmark --config=experiments/configs/benchmark.py:paper \
-  --config.results_dir="$out" --config.workdir=/tmp/cnnjax-work --config.peak_flops="${PEAK_FLOPS:-989e12}"
+  --config.results_dir="$out" --config.workdir=/tmp/cnnjax-work --config.peak_flops="${PEAK_FLOPS:-989e12}" \
+  "${benchmark_flags[@]}" || failed+=(benchmark)
 
 echo "== transfer (paper preset, shortened)"
 catalog_ready=$($PYTHON -c "
@@ -81,6 +89,10 @@ else
 fi
 $PYTHON -m experiments.transfer --config=experiments/configs/transfer.py:paper "${data_flags[@]}" \
   --config.pretrain.steps=3000 --config.finetune.steps=500 --config.compute_dtype=bfloat16 \
-  --config.results_dir="$out" --config.workdir=/tmp/cnnjax-work
+  --config.results_dir="$out" --config.workdir=/tmp/cnnjax-work "${transfer_flags[@]}" || failed+=(transfer)
 
+if (( ${#failed[@]} )); then
+  echo "device_check: failed: ${failed[*]} (log: $log); tables under $out"
+  exit 1
+fi
 echo "device_check: tables under $out"

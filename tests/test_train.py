@@ -542,11 +542,11 @@ def test_cpu_reductions_go_to_ynnpack_and_match_numpy():
   np.testing.assert_allclose(square, (x * x).mean(axis=(0, 1, 2)), rtol=1e-5)
 
 
-def test_cpu_default_flag_yields_to_the_caller_and_to_tpu_hosts():
+def test_cpu_default_flag_yields_to_the_caller_and_to_accelerator_hosts():
   from cnnjax import CPU_XLA_FLAGS, with_cpu_defaults
-  assert with_cpu_defaults('', tpu_host=False) == CPU_XLA_FLAGS
-  assert with_cpu_defaults('--xla_force_host_platform_device_count=8', tpu_host=False) == (
+  assert with_cpu_defaults('', accelerator_host=False) == CPU_XLA_FLAGS
+  assert with_cpu_defaults('--xla_force_host_platform_device_count=8', accelerator_host=False) == (
       f'--xla_force_host_platform_device_count=8 {CPU_XLA_FLAGS}')
-  assert with_cpu_defaults('--xla_cpu_experimental_ynn_fusion_type=', tpu_host=False) == (
+  assert with_cpu_defaults('--xla_cpu_experimental_ynn_fusion_type=', accelerator_host=False) == (
       '--xla_cpu_experimental_ynn_fusion_type=')
-  assert with_cpu_defaults('--xla_dump_to=/tmp/x', tpu_host=True) == '--xla_dump_to=/tmp/x'
+  assert with_cpu_defaults('--xla_dump_to=/tmp/x', accelerator_host=True) == '--xla_dump_to=/tmp/x'
