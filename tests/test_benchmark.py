@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cnnjax.errors import ConfigError
+from cnnjax.train import sharding
 from experiments import benchmark
 from experiments.configs.benchmark import get_config
 
@@ -64,6 +65,17 @@ def test_timed_variants_take_turns_and_carry_their_state():
   seconds = benchmark.time_repeats({'a': (counter('a'), 0), 'b': (counter('b'), 10)}, repeats=2)
   assert log == [('a', 0), ('b', 10), ('a', 1), ('b', 11), ('a', 2), ('b', 12)]  # warm-ups, then turns
   assert set(seconds) == {'a', 'b'} and all(len(s) == 2 and min(s) >= 0 for s in seconds.values())
+
+
+def test_flops_count_every_convolution():
+  """MFU's numerator: a digit-CNN train step costs about 3x its forward flops (forward, input and
+  weight gradients; the first layer needs no input gradient), counted by hand below."""
+  config = get_config('smoke')
+  config.batch_sizes.digit_cnn = 8
+  bench = benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn')
+  forward = 2 * (28 * 28 * 32 * 9 + 14 * 14 * 64 * 9 * 32 + 7 * 7 * 64 * 128 + 128 * 10)  # per image
+  per_image = bench.flops(bench.chunk(1), bench.states()) / 8
+  assert 2.8 * forward < per_image < 3.3 * forward, per_image / forward
 
 
 def test_validation_names_the_key():
