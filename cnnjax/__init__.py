@@ -29,9 +29,10 @@ ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin')
 
 
 def with_cpu_defaults(xla_flags, accelerator_host):
-  """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this host has an accelerator plugin."""
+  """XLA_FLAGS with cnnjax's CPU default added, unless the caller set that flag or this host has an
+  accelerator plugin."""
   return xla_flags if accelerator_host else with_xla_flag(xla_flags, YNN_FUSION_FLAG, YNN_FUSION_DEFAULT)
 
 
-os.environ['XLA_FLAGS'] = with_cpu_defaults(os.environ.get('XLA_FLAGS', ''),
-                                            accelerator_host=any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS))
+os.environ['XLA_FLAGS'] = with_cpu_defaults(
+    os.environ.get('XLA_FLAGS', ''), accelerator_host=any(map(importlib.util.find_spec, ACCELERATOR_PLUGINS)))

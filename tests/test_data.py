@@ -183,6 +183,15 @@ def test_grain_batches_are_deterministic_per_seed(data_dir):
   assert not np.array_equal(first['image'], other['image'])
 
 
+def test_grain_batched_reads_equal_reads_one_by_one(data_dir):
+  source = data.data_source('mnist_5k', 'test', data_dir)  # has __getitems__: one call per batch
+  one_by_one = [source[i] for i in range(len(source))]    # a list has not
+  run = lambda s: next(data.grain_batches(s, global_batch_size=8, seed=0))
+  batched, single = run(source), run(one_by_one)
+  for key in batched:
+    np.testing.assert_array_equal(batched[key], single[key])
+
+
 def test_grain_epochs_are_reshuffled_permutations():
   batches = _take(data.grain_batches(_ids(12), global_batch_size=4, seed=0), 6)
   epoch0, epoch1 = sum(batches[:3], []), sum(batches[3:], [])
