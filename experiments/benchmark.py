@@ -119,18 +119,11 @@ class Bench:
     return sharding.replicate(train_state.stack([train_state.create(self.build(s), self.tx, s)
                                                  for s in range(members)]), self.mesh)
 
-  def chunk(self, k, compiler_options=None):
-    """k unrolled steps in one jitted program (one member)."""
-    return jax.jit(steps.make_chunk(self.step, self.batch_fn, k), donate_argnums=0,
+  def chunk(self, k, compiler_options=None, unroll=None):
+    """k steps in one jitted program (one member): unrolled or a rolled lax.scan (default: as
+    the experiments run them, unrolled on CPU only)."""
+    return jax.jit(steps.make_chunk(self.step, self.batch_fn, k, unroll), donate_argnums=0,
                    compiler_options=compiler_options)
-
-  def scan(self, k):
-    """The same k steps as a rolled lax.scan."""
-    def run(state, source):
-      def body(state, _):
-        return self.step(state, self.batch_fn(source, state))
-      return jax.lax.scan(body, state, None, length=k)
-    return jax.jit(run, donate_argnums=0)
 
   def members(self, k, mode):
     return steps.over_members(steps.make_chunk(self.step, self.batch_fn, k), mode, source_axes={'split': None})
@@ -388,8 +381,8 @@ class Benchmark:
       return state, metrics
 
     timers = {label: bench.timer(fn, bench.states()) for label, fn in (
-        (f'chunk of {k} unrolled', bench.chunk(k)), (f'Python loop of {k} jitted steps', loop),
-        (f'lax.scan over {k} steps', bench.scan(k)))}
+        (f'chunk of {k} unrolled', bench.chunk(k, unroll=True)), (f'Python loop of {k} jitted steps', loop),
+        (f'lax.scan over {k} steps', bench.chunk(k, unroll=False)))}
     ms = {label: [1000 * s / k for s in seconds] for label, seconds in time_repeats(timers, c.repeats).items()}
     for label in ms:
       self.add(f'digit_cnn {label}', 'ms/step', ms[label])

@@ -150,6 +150,21 @@ def test_chunks_have_no_while_loop(spine, k):
   assert jax.eval_shape(chunk, spine.state(0), spine.splits[0])[1]['loss'].shape == (k,)
 
 
+def test_chunks_roll_on_accelerators_and_equal_unrolled(spine, monkeypatch):
+  """On a GPU/TPU the k steps stay one rolled loop (fast there, one step to compile); either way
+  the chunk computes the same steps."""
+  loops = lambda fn: jax.jit(fn).lower(spine.state(0), spine.splits[0]).as_text().count('stablehlo.while')
+  unrolled = steps.make_chunk(spine.step, resident_batch, 3)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  rolled = steps.make_chunk(spine.step, resident_batch, 3)
+  assert loops(rolled) == loops(unrolled) + 1
+  monkeypatch.undo()
+  (state, metrics), (expected, expected_metrics) = (
+      jax.jit(chunk)(spine.state(0), spine.splits[0]) for chunk in (rolled, unrolled))
+  assert_trees_close(state, expected, **TOL)
+  assert_trees_close(metrics, expected_metrics, **TOL)
+
+
 # Seeds side by side -----------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
