@@ -139,25 +139,27 @@ def test_chunk_equals_its_steps_one_by_one(spine):
   assert_trees_close(metrics, jax.tree.map(lambda *xs: np.stack(xs), *history), **TOL)
 
 
+def _while_loops(spine, fn):
+  return jax.jit(fn).lower(spine.state(0), spine.splits[0]).as_text().count('stablehlo.while')
+
+
 @pytest.mark.parametrize('k', [1, 3])
 def test_chunks_have_no_while_loop(spine, k):
   """A rolled loop around weight-gradient convolutions runs ~20x slower on XLA:CPU (the step's
   own loops, e.g. the random-bits generator's, are fine)."""
   chunk = steps.make_chunk(spine.step, resident_batch, k)
   one_step = lambda state, split: spine.step(state, resident_batch(split, state))
-  loops = lambda fn: jax.jit(fn).lower(spine.state(0), spine.splits[0]).as_text().count('stablehlo.while')
-  assert loops(chunk) <= loops(one_step)
+  assert _while_loops(spine, chunk) <= _while_loops(spine, one_step)
   assert jax.eval_shape(chunk, spine.state(0), spine.splits[0])[1]['loss'].shape == (k,)
 
 
 def test_chunks_roll_on_accelerators_and_equal_unrolled(spine, monkeypatch):
   """On a GPU/TPU the k steps stay one rolled loop (fast there, one step to compile); either way
   the chunk computes the same steps."""
-  loops = lambda fn: jax.jit(fn).lower(spine.state(0), spine.splits[0]).as_text().count('stablehlo.while')
   unrolled = steps.make_chunk(spine.step, resident_batch, 3)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   rolled = steps.make_chunk(spine.step, resident_batch, 3)
-  assert loops(rolled) == loops(unrolled) + 1
+  assert _while_loops(spine, rolled) == _while_loops(spine, unrolled) + 1
   monkeypatch.undo()
   (state, metrics), (expected, expected_metrics) = (
       jax.jit(chunk)(spine.state(0), spine.splits[0]) for chunk in (rolled, unrolled))

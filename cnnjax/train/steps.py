@@ -50,7 +50,7 @@ def make_chunk(step, batch_fn, k, unroll=None):
   unrolled scan is the same optimized program as a Python loop of k steps, traced ~4x faster
   (digit CNN, k = 10: 0.2 s instead of 0.85 s). On a GPU the rolled loop runs as fast (NVIDIA
   H200, digit CNN: 0.93x the unrolled chunk's time) and compiles one step instead of k (the
-  unrolled 10-step chunk took 19 s cold). One step is called directly.
+  unrolled 10-step chunk took 19 s cold). For k = 1 the step is called directly.
   """
   unroll = jax.default_backend() == 'cpu' if unroll is None else unroll
 
