@@ -4,6 +4,7 @@ that each process reads for itself and that become global arrays, and prints the
 (run as a script, not collected by pytest).
 
 usage: distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS CHECKPOINT_DIR
+(PORT '': JAX finds the coordinator, process count and id in the environment, e.g. SLURM's)
 """
 
 import json
@@ -23,7 +24,9 @@ from cnnjax.methods.classification import cross_entropy  # noqa: E402
 from cnnjax.train import sharding, state as train_state, steps  # noqa: E402
 from cnnjax.train.checkpoint import Checkpoints  # noqa: E402
 
-if int(num_processes) > 1:
+if not port:
+  sharding.initialize_distributed()
+elif int(num_processes) > 1:
   sharding.initialize_distributed(f'127.0.0.1:{port}', int(num_processes), int(process_id))
 mesh = sharding.make_mesh()
 rng = np.random.default_rng(0)

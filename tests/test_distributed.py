@@ -1,9 +1,11 @@
 """Two local CPU processes (4 virtual devices each, gloo collectives) train like one process with
 the same global batch (device-resident or streamed by grain per process), and save and restore
-one checkpoint together."""
+one checkpoint together. Process 0 names the coordinator; process 1 finds it from SLURM's
+environment, as under `srun`."""
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,10 +16,26 @@ import numpy as np
 WORKER = Path(__file__).with_name('distributed_worker.py')
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+# JAX puts the coordinator of SLURM job j on port SLURM_PORTS[j % 4096] of the job's first node.
+SLURM_PORTS = range(65535 - 2 ** 12 + 1, 65536)
+
+
+def free_slurm_port():
+  for port in random.sample(SLURM_PORTS, 100):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+    return port
+  raise RuntimeError('no free port for the coordinator')
+
+
+def slurm_environment(port, process_id, processes):
+  """The variables `srun` sets that JAX reads: one task per node, the job's first node on localhost."""
+  return {'SLURM_JOB_ID': str(port - SLURM_PORTS.start), 'SLURM_STEP_NODELIST': 'localhost',
+          'SLURM_NTASKS': str(processes), 'SLURM_PROCID': str(process_id), 'SLURM_LOCALID': '0',
+          'SLURM_STEP_NUM_NODES': str(processes)}
 
 
 def result(process):
@@ -26,16 +44,17 @@ def result(process):
   return json.loads(next(line for line in out.splitlines() if line.startswith('RESULT'))[len('RESULT'):])
 
 
-def start(process_id, processes, port, devices, checkpoint_dir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(processes), str(port),
+def start(process_id, processes, port, devices, checkpoint_dir, slurm=False):
+  """One worker; with `slurm` it gets SLURM's variables instead of the coordinator's address."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **(slurm_environment(port, process_id, processes) if slurm else {}))
+  return subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(processes), str(port) if not slurm else '',
                            str(devices), str(checkpoint_dir)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_equal_one(tmp_path):
-  port = free_port()
-  pair = [start(p, 2, port, 4, tmp_path / 'pair') for p in range(2)]
+  port = free_slurm_port()
+  pair = [start(p, 2, port, 4, tmp_path / 'pair', slurm=p == 1) for p in range(2)]
   single = result(start(0, 1, 0, 8, tmp_path / 'single'))
   first, second = map(result, pair)
   assert first['devices'] == second['devices'] == single['devices'] == 8
