@@ -180,7 +180,9 @@ def setup(config, validate):
   validate(config)
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
-    for option, value in (('jax_persistent_cache_min_compile_time_secs', 0.5),
+    # Every program, the many small ones (initialisers, data steps: ~0.1-0.4 s each) included, so
+    # that a second run compiles nothing.
+    for option, value in (('jax_persistent_cache_min_compile_time_secs', 0),
                           ('jax_persistent_cache_min_entry_size_bytes', 0)):
       if option.upper() not in os.environ:  # JAX's own environment variables win
         jax.config.update(option, value)

@@ -2,6 +2,9 @@
 reruns unfinished cells, and resumes a cell's training from its last checkpoint."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -208,3 +211,21 @@ def test_two_runs_into_one_workdir_share_the_cells(tmp_path):
     thread.join()
   assert sorted(computed) == list(range(6))
   assert outputs[0] == outputs[1] == {cell: {'accuracy': [float(cell.config['i'])]} for cell in cells}
+
+
+def test_setup_keeps_small_programs_in_the_compile_cache(tmp_path):
+  """A second run compiles nothing: the runner's persistent cache keeps programs that compile in
+  milliseconds (initialisers, data steps), not only slow ones. In a fresh process with JAX's
+  own threshold unset (the test session sets one, tests/conftest.py)."""
+  script = '\n'.join([
+      'import jax, sys',
+      'from cnnjax import config as cfg',
+      'from experiments import runner',
+      "config = cfg.base_config('unit', 'smoke')",
+      'config.compile_cache = sys.argv[1]',
+      'runner.setup(config, lambda config: None)',
+      'jax.jit(lambda x: x + 1)(1.0).block_until_ready()'])
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'}
+  subprocess.run([sys.executable, '-c', script, str(tmp_path / 'cache')], cwd=Path(__file__).parents[1],
+                 env=dict(env, JAX_PLATFORMS='cpu'), check=True, capture_output=True)
+  assert any((tmp_path / 'cache').iterdir())
