@@ -2,9 +2,6 @@
 reruns unfinished cells, and resumes a cell's training from its last checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +14,7 @@ from cnnjax import config as cfg
 from cnnjax import data, models, tracking
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.train import loop, sharding, state as train_state, steps
+from experiment_cli import run
 from experiments import runner
 
 
@@ -215,17 +213,17 @@ def test_two_runs_into_one_workdir_share_the_cells(tmp_path):
 
 def test_setup_keeps_small_programs_in_the_compile_cache(tmp_path):
   """A second run compiles nothing: the runner's persistent cache keeps programs that compile in
-  milliseconds (initialisers, data steps), not only slow ones. In a fresh process with JAX's
-  own threshold unset (the test session sets one, tests/conftest.py)."""
+  milliseconds (initialisers, data steps), not only slow ones. The script drops the threshold the
+  test session sets (tests/conftest.py), so that the runner's own applies."""
   script = '\n'.join([
-      'import jax, sys',
+      'import os, sys',
+      "del os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']",
+      'import jax',
       'from cnnjax import config as cfg',
       'from experiments import runner',
       "config = cfg.base_config('unit', 'smoke')",
       'config.compile_cache = sys.argv[1]',
       'runner.setup(config, lambda config: None)',
       'jax.jit(lambda x: x + 1)(1.0).block_until_ready()'])
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'}
-  subprocess.run([sys.executable, '-c', script, str(tmp_path / 'cache')], cwd=Path(__file__).parents[1],
-                 env=dict(env, JAX_PLATFORMS='cpu'), check=True, capture_output=True)
+  run(['-c', script, str(tmp_path / 'cache')], tmp_path)
   assert any((tmp_path / 'cache').iterdir())
