@@ -33,7 +33,8 @@ from cnnjax.train import sharding, state as train_state, steps
 from experiments import runner
 
 
-INPUTS = {'digit_cnn': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
+INPUTS = {'digit_cnn': (28, 1), 'conv4': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
+SMALL_MODELS = ('digit_cnn', 'conv4')  # timed over `throughput_chunk_steps` steps per call
 # cnnjax hands XLA:CPU's reductions to YNNPACK (cnnjax/__init__.py); for one program, this gives
 # them back to XLA's own loops (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= for a process).
 XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
@@ -180,6 +181,10 @@ def torch_model(name):
   if name == 'digit_cnn':
     return nn.Sequential(*conv_bn(1, 32), nn.ReLU(), nn.MaxPool2d(2), *conv_bn(32, 64), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Linear(128, NUM_CLASSES))
+  if name == 'conv4':  # conv with bias, batch norm, ReLU, 2x2 max pool; 28 -> 14 -> 7 -> 3 -> 1
+    blocks = [[nn.Conv2d(cin, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1), nn.ReLU(), nn.MaxPool2d(2)]
+              for cin in (1, 64, 64, 64)]
+    return nn.Sequential(*sum(blocks, []), nn.Flatten(), nn.Linear(64, NUM_CLASSES))
   if name == 'resnet20_cifar':
     layers, cin = [*conv_bn(3, 16), nn.ReLU()], 16
     for cout, stride in ((16, 1), (32, 2), (64, 2)):
@@ -227,7 +232,7 @@ def torch_timer(config, name):
 
 
 def chunk_steps_for(config, name):
-  return config.throughput_chunk_steps if name == 'digit_cnn' else config.large_chunk_steps
+  return config.throughput_chunk_steps if name in SMALL_MODELS else config.large_chunk_steps
 
 
 def torch_available():

@@ -92,7 +92,7 @@ def test_validation_names_the_key():
 def test_torch_twins_match_parameter_counts():
   torch = pytest.importorskip('torch')
   from cnnjax import models
-  for name in ('digit_cnn', 'resnet20_cifar', 'resnet50'):
+  for name in ('digit_cnn', 'conv4', 'resnet20_cifar', 'resnet50'):
     size, channels = benchmark.INPUTS[name]
     ours = models.count_params(name, num_classes=benchmark.NUM_CLASSES, channels=channels)
     twin = benchmark.torch_model(name)

@@ -24,9 +24,9 @@ from cnnjax.config import base_config
 def get_config(preset=''):
   config = base_config('benchmark', preset)
   config.seeds = 1                      # not used: members are set by `members`
-  config.models = ('digit_cnn', 'resnet20_cifar')
+  config.models = ('digit_cnn', 'conv4', 'resnet20_cifar')
   # Batch per model (ResNet-50 at 224x224 only in `paper`: ~10 s per step on 2 CPU cores).
-  config.batch_sizes = ml_collections.ConfigDict({'digit_cnn': 128, 'resnet20_cifar': 128, 'resnet50': 32})
+  config.batch_sizes = ml_collections.ConfigDict({'digit_cnn': 128, 'conv4': 64, 'resnet20_cifar': 128, 'resnet50': 32})
   config.learning_rate = 1e-3           # Adam on both sides
   config.chunk_steps = 10               # k: steps per timed repeat, in one program
   config.throughput_chunk_steps = 10    # steps per call in the cnnjax-vs-torch rows (digit CNN)
@@ -61,7 +61,7 @@ def get_config(preset=''):
     config.compile_repeats = 1
     config.progress = False
   elif config.preset == 'paper':
-    config.models = ('digit_cnn', 'resnet20_cifar', 'resnet50')
+    config.models = ('digit_cnn', 'conv4', 'resnet20_cifar', 'resnet50')
     config.repeats = 10
     config.bf16 = True
     config.peak_flops = 989e12          # H100 SXM dense bf16; set to the device's peak
