@@ -25,11 +25,12 @@ def get_config(preset=''):
   config = base_config('benchmark', preset)
   config.seeds = 1                      # not used: members are set by `members`
   config.models = ('digit_cnn', 'conv4', 'resnet20_cifar')
-  # Batch per model (ResNet-50 at 224x224 only in `paper`: ~10 s per step on 2 CPU cores).
+  # Batch per model (Conv-4 at the papers' width 64; ResNet-50 at 224x224 only in `paper`: ~10 s per
+  # step on 2 CPU cores).
   config.batch_sizes = ml_collections.ConfigDict({'digit_cnn': 128, 'conv4': 64, 'resnet20_cifar': 128, 'resnet50': 32})
   config.learning_rate = 1e-3           # Adam on both sides
   config.chunk_steps = 10               # k: steps per timed repeat, in one program
-  config.throughput_chunk_steps = 10    # steps per call in the cnnjax-vs-torch rows (digit CNN)
+  config.throughput_chunk_steps = 10    # steps per call in the cnnjax-vs-torch rows (digit CNN, Conv-4)
   config.large_chunk_steps = 2          # ... for the larger models (compile time grows with k)
   config.repeats = 5                    # timed repeats per measurement (after one warm-up call)
   config.members = (1, 2, 5)
