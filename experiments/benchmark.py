@@ -34,7 +34,7 @@ from experiments import runner
 
 
 INPUTS = {'digit_cnn': (28, 1), 'conv4': (28, 1), 'resnet20_cifar': (32, 3), 'resnet50': (224, 3)}  # size, channels
-SMALL_MODELS = ('digit_cnn', 'conv4')  # timed over `throughput_chunk_steps` steps per call
+SMALL_MODELS = ('digit_cnn', 'conv4')  # `throughput_chunk_steps` steps per call; chunk comparisons (3)
 # cnnjax hands XLA:CPU's reductions to YNNPACK (cnnjax/__init__.py); for one program, this gives
 # them back to XLA's own loops (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= for a process).
 XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
@@ -374,10 +374,15 @@ class Benchmark:
           self.add(f'digit_cnn M={m} / M=1 {mode} ms/step', 'ratio', [a / b for a, b in zip(ms[mode], one[mode])])
 
   def chunks(self):
-    """(3) k unrolled steps in one program vs a Python loop of jitted steps vs a rolled scan."""
+    """(3) k unrolled steps in one program vs a Python loop of jitted steps vs a rolled scan, for the
+    small models (the digit CNN always)."""
+    for name in dict.fromkeys(('digit_cnn', *(m for m in self.config.models if m in SMALL_MODELS))):
+      self.chunks_of(name)
+
+  def chunks_of(self, name):
     c, k = self.config, self.config.chunk_steps
-    print(f'[chunks] k={k}', flush=True)
-    bench = Bench(c, self.exp.mesh, 'digit_cnn')
+    print(f'[chunks] {name} k={k}', flush=True)
+    bench = Bench(c, self.exp.mesh, name)
     single = bench.chunk(1)
 
     def loop(state, source):
@@ -390,16 +395,16 @@ class Benchmark:
         (f'lax.scan over {k} steps', bench.chunk(k, unroll=False)))}
     ms = {label: [1000 * s / k for s in seconds] for label, seconds in time_repeats(timers, c.repeats).items()}
     for label in ms:
-      self.add(f'digit_cnn {label}', 'ms/step', ms[label])
+      self.add(f'{name} {label}', 'ms/step', ms[label])
     chunk, loop_label, scan_label = ms
-    self.add('digit_cnn Python loop / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[loop_label], ms[chunk])])
+    self.add(f'{name} Python loop / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[loop_label], ms[chunk])])
     # time per step = compute + per-call cost / steps per call: the loop pays the cost every step.
     per_call = [(a - b) * k / (k - 1) for a, b in zip(ms[loop_label], ms[chunk])] if k > 1 else []
     if per_call:
-      self.add('digit_cnn cost per call (from loop and chunk)', 'ms', per_call)
-      self.add('digit_cnn compute per step (from loop and chunk)', 'ms/step',
+      self.add(f'{name} cost per call (from loop and chunk)', 'ms', per_call)
+      self.add(f'{name} compute per step (from loop and chunk)', 'ms/step',
                [b - p / k for b, p in zip(ms[chunk], per_call)])
-    self.add('digit_cnn lax.scan / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[scan_label], ms[chunk])])
+    self.add(f'{name} lax.scan / chunk ms/step', 'ratio', [a / b for a, b in zip(ms[scan_label], ms[chunk])])
 
   def compile(self):
     """(4) Cold compile vs warm start from the persistent compilation cache, in fresh processes."""
