@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,15 @@ def test_timed_variants_take_turns_and_carry_their_state():
   seconds = benchmark.time_repeats({'a': (counter('a'), 0), 'b': (counter('b'), 10)}, repeats=2)
   assert log == [('a', 0), ('b', 10), ('a', 1), ('b', 11), ('a', 2), ('b', 12)]  # warm-ups, then turns
   assert set(seconds) == {'a', 'b'} and all(len(s) == 2 and min(s) >= 0 for s in seconds.values())
+
+
+def test_chunk_comparisons_cover_the_small_models(monkeypatch):
+  config = get_config('smoke')
+  config.models = ('resnet20_cifar', 'conv4')
+  compared = []
+  monkeypatch.setattr(benchmark.Benchmark, 'chunks_of', lambda self, name: compared.append(name))
+  benchmark.Benchmark(types.SimpleNamespace(config=config)).chunks()
+  assert compared == ['digit_cnn', 'conv4']  # the digit CNN always, ResNet-20 never
 
 
 def test_flops_count_every_convolution():
