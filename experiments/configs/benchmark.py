@@ -10,10 +10,11 @@ batch and optimizer (Adam), on CPU also with XLA's own reductions instead of the
 reduction fusions cnnjax turns on (`cnnjax, XLA reductions` rows: `--xla_cpu_experimental_ynn_fusion_type=`
 for that program only); (2) M members in one program (vmap, unroll) or on threads vs M sequential
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
-a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent compilation cache (fresh subprocesses);
-(5) grain loader images/s vs what the digit-CNN step consumes. `paper` adds ResNet-50 at 224x224
-and, on an accelerator, bf16 images/s and MFU (XLA's flops per step / (step time x peak_flops)).
-PyTorch is the `bench` extra (pip install torch==2.13.0); without it the torch rows are skipped.
+a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
+compilation cache (fresh subprocesses); (5) grain loader images/s vs what the digit-CNN step
+consumes. `paper` adds ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
+flops per step / (step time x peak_flops)). PyTorch is the `bench` extra (pip install
+torch==2.13.0); without it the torch rows are skipped.
 """
 
 import ml_collections
