@@ -7,12 +7,15 @@ repeats and provenance.json the medians. Speed targets live here and in the READ
 Presets, command and table: experiments/configs/benchmark.py.
 """
 
+import collections
+import gzip
 import json
 import os
 
 # PyTorch's OpenMP threads busy-wait by default, which on a shared, loaded CPU costs it ~2.5x
 # (digit CNN, batch 128: 700 vs 260 ms/step at load 7 on 2 cores); set before torch is imported.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,7 @@ def validate(config):
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
   for key in ('torch', 'compile', 'bf16', 'xla_reductions'):
     cfg.check_type(config, key, bool)
+  cfg.check_type(config, 'profile_dir', str)
   if config.split_size < max(config.batch_sizes[name] for name in config.models):
     raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
 
@@ -72,10 +76,11 @@ def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
 
 
-def time_repeats(timers, repeats, warmup=1):
+def time_repeats(timers, repeats, warmup=1, profile_dir=''):
   """{label: seconds of each of `repeats` timed calls} for `timers` = {label: (call, state)}, each
   call `state = call(state)`, after `warmup` untimed calls each (the first compiles). The labels
-  take turns within every repeat, so that a shared machine's slow drifts hit them alike."""
+  take turns within every repeat, so that a shared machine's slow drifts hit them alike. With
+  `profile_dir`, one more call of each is traced afterwards (`profile`) and its top events printed."""
   states = {}
   for label, (call, state) in timers.items():
     for _ in range(warmup):
@@ -87,7 +92,27 @@ def time_repeats(timers, repeats, warmup=1):
       started = time.perf_counter()
       states[label] = block(call(states[label]))
       seconds[label].append(time.perf_counter() - started)
+  if profile_dir:
+    for label, (call, _) in timers.items():
+      top = profile(call, states[label], Path(profile_dir) / re.sub(r'[^\w.=-]+', '_', label))
+      print(f'    profile {label}: ' + ', '.join(f'{name} {ms:.2f} ms' for name, ms in top), flush=True)
   return seconds
+
+
+def profile(call, state, directory, top=8):
+  """One call traced by `jax.profiler` into `directory` (open its perfetto_trace.json.gz in
+  ui.perfetto.dev); returns the `top` trace events by total time as [(name, ms)], host and device
+  events alike (the XLA ops, kernels and runtime calls; Python frames left out)."""
+  with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+    block(call(state))
+  newest = max(Path(directory).rglob('perfetto_trace.json.gz'), key=lambda path: path.stat().st_mtime)
+  with gzip.open(newest) as f:  # the newest: a rerun into the same directory adds a trace
+    trace = json.load(f)
+  totals = collections.Counter()
+  for event in trace['traceEvents'] if isinstance(trace, dict) else trace:
+    if event.get('ph') == 'X' and not event.get('name', '$').startswith('$'):
+      totals[event['name']] += event.get('dur', 0) / 1000
+  return totals.most_common(top)
 
 
 # cnnjax programs --------------------------------------------------------------------------------
@@ -305,6 +330,10 @@ class Benchmark:
     self.medians[f'{row} | {column}'] = float(np.median(values))
     print(f'  {row} | {column}: median {np.median(values):.2f}', flush=True)
 
+  def profile_dir(self, section):
+    """Where `time_repeats` traces one section's programs ('' when `profile_dir` is not set)."""
+    return self.config.profile_dir and str(Path(self.config.profile_dir) / section)
+
   def add_step_times(self, row, seconds, steps_per_repeat, batch):
     ms = [1000 * s / steps_per_repeat for s in seconds]
     self.add(row, 'ms/step', ms)
@@ -335,7 +364,7 @@ class Benchmark:
       if have_torch:
         timers['torch'] = torch_timer(c, name)
       ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
-            for label, seconds in time_repeats(timers, c.repeats).items()}
+            for label, seconds in time_repeats(timers, c.repeats, profile_dir=self.profile_dir(name)).items()}
       ours, xla = ms['cnnjax'], ms.get('cnnjax, XLA reductions')
       if name == 'digit_cnn':
         self.consumed = [1000 * bench.batch_size / m for m in ours]
@@ -360,7 +389,8 @@ class Benchmark:
     for m in sorted(c.members):
       print(f'[members] M={m}', flush=True)
       timers = {mode: bench.timer(bench.members(k, mode), bench.states(m)) for mode in c.member_modes}
-      ms = {mode: [1000 * s / k for s in seconds] for mode, seconds in time_repeats(timers, c.repeats).items()}
+      seconds = time_repeats(timers, c.repeats, profile_dir=self.profile_dir(f'members_M={m}'))
+      ms = {mode: [1000 * s / k for s in times] for mode, times in seconds.items()}
       for mode in ms:
         self.add(f'digit_cnn M={m} {mode}', 'ms/step', ms[mode])
       if 'sequential' in ms:
@@ -393,7 +423,8 @@ class Benchmark:
     timers = {label: bench.timer(fn, bench.states()) for label, fn in (
         (f'chunk of {k} unrolled', bench.chunk(k, unroll=True)), (f'Python loop of {k} jitted steps', loop),
         (f'lax.scan over {k} steps', bench.chunk(k, unroll=False)))}
-    ms = {label: [1000 * s / k for s in seconds] for label, seconds in time_repeats(timers, c.repeats).items()}
+    seconds = time_repeats(timers, c.repeats, profile_dir=self.profile_dir(f'chunks_{name}'))
+    ms = {label: [1000 * s / k for s in times] for label, times in seconds.items()}
     for label in ms:
       self.add(f'{name} {label}', 'ms/step', ms[label])
     chunk, loop_label, scan_label = ms

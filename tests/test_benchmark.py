@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -88,6 +91,19 @@ def test_flops_count_every_convolution():
   assert 2.8 * forward < per_image < 3.3 * forward, per_image / forward
 
 
+def test_profile_dir_traces_each_program_once_and_prints_its_ops(tmp_path, capsys):
+  matmul = jax.jit(lambda x: jnp.tanh(x @ x))
+  seconds = benchmark.time_repeats({'matmul x': (matmul, jnp.ones((64, 64)))}, repeats=2, profile_dir=str(tmp_path))
+  assert len(seconds['matmul x']) == 2  # the traced call is not timed
+  assert len(list((tmp_path / 'matmul_x').rglob('perfetto_trace.json.gz'))) == 1
+  printed = capsys.readouterr().out
+  assert 'profile matmul x: ' in printed and 'dot_general' in printed  # the XLA op, by its name in the program
+  time.sleep(1.1)  # jax.profiler names each trace's directory by the second it started
+  benchmark.time_repeats({'matmul x': (matmul, jnp.ones((64, 64)))}, repeats=1, profile_dir=str(tmp_path))
+  assert len(list((tmp_path / 'matmul_x').rglob('perfetto_trace.json.gz'))) == 2  # a rerun keeps the first trace
+  assert 'dot_general' in capsys.readouterr().out
+
+
 def test_validation_names_the_key():
   config = get_config('smoke')
   config.models = ('alexnet_nope',)
@@ -96,6 +112,10 @@ def test_validation_names_the_key():
   config = get_config('smoke')
   config.members = (0,)
   with pytest.raises(ConfigError, match='members'):
+    benchmark.validate(config)
+  config = get_config('smoke')
+  config.profile_dir = None
+  with pytest.raises(ConfigError, match='profile_dir'):
     benchmark.validate(config)
 
 

@@ -46,6 +46,8 @@ def get_config(preset=''):
   config.bf16 = False                   # bf16 images/s rows (accelerators only)
   config.xla_reductions = True          # CPU: also time each model with XLA's own reductions ('cnnjax, XLA reductions' rows)
   config.peak_flops = 0.0               # peak FLOP/s of one device for MFU (0 = no MFU rows)
+  config.profile_dir = ''               # if set: trace one more call of every timed program there
+                                        # (<dir>/<section>/<label>/, jax.profiler) and print its top events
   config.eval_every = 0
   config.checkpoint_every = 0
   config.wandb.mode = 'disabled'
