@@ -95,7 +95,8 @@ def time_repeats(timers, repeats, warmup=1, profile_dir=''):
   if profile_dir:
     for label, (call, _) in timers.items():
       top = profile(call, states[label], Path(profile_dir) / re.sub(r'[^\w.=-]+', '_', label))
-      print(f'    profile {label}: ' + ', '.join(f'{name} {ms:.2f} ms' for name, ms in top), flush=True)
+      events = ', '.join(f'{name} {ms:.2f} ms' for name, ms in top) or "none (jax.profiler sees only JAX's programs)"
+      print(f'    profile {label}: {events}', flush=True)
   return seconds
 
 

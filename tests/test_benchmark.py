@@ -102,6 +102,8 @@ def test_profile_dir_traces_each_program_once_and_prints_its_ops(tmp_path, capsy
   benchmark.time_repeats({'matmul x': (matmul, jnp.ones((64, 64)))}, repeats=1, profile_dir=str(tmp_path))
   assert len(list((tmp_path / 'matmul_x').rglob('perfetto_trace.json.gz'))) == 2  # a rerun keeps the first trace
   assert 'dot_general' in capsys.readouterr().out
+  benchmark.time_repeats({'numpy': (lambda x: x + 1, np.zeros(3))}, repeats=1, profile_dir=str(tmp_path))
+  assert "profile numpy: none (jax.profiler sees only JAX's programs)" in capsys.readouterr().out
 
 
 def test_validation_names_the_key():
