@@ -9,6 +9,8 @@ import collections.abc
 import hashlib
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -79,6 +81,23 @@ def check_batch_fits_devices(config, key='batch_size'):
   check_divisible(config, key, jax.device_count(), f'{jax.device_count()} devices share each batch')
 
 
+def check_writable_dir(config, key):
+  """A directory this process can create (or already has) and write into, tried with a temporary
+  directory in it or in its nearest existing parent, so a run cannot end in a write that fails."""
+  check_type(config, key, str)
+  value = lookup(config, key)
+  path = Path(value).expanduser().absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  try:
+    if not existing.is_dir():
+      raise NotADirectoryError('a file, not a directory')
+    tempfile.TemporaryDirectory(dir=existing).cleanup()
+  except OSError as error:
+    raise ConfigError(key, value, 'a directory this process can create and write into',
+                      f'cannot write in {existing} ({error.strerror or error}); choose another, e.g. '
+                      f'--config.{key}=/tmp/{path.name}') from None
+
+
 def config_hash(config):
   """A short stable hash of everything that changes what a run computes."""
   values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -129,3 +148,7 @@ def validate_base(config):
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
   check_type(config, 'distributed.enabled', bool)
   check_type(config, 'fsdp', bool)
+  for key in ('workdir', 'results_dir'):
+    check_writable_dir(config, key)
+  if config.compile_cache:
+    check_writable_dir(config, 'compile_cache')

@@ -66,6 +66,8 @@ def validate(config):
   for key in ('torch', 'compile', 'bf16', 'xla_reductions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
+  if config.profile_dir:
+    cfg.check_writable_dir(config, 'profile_dir')
   if config.split_size < max(config.batch_sizes[name] for name in config.models):
     raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
 

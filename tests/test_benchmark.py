@@ -119,6 +119,9 @@ def test_validation_names_the_key():
   config.profile_dir = None
   with pytest.raises(ConfigError, match='profile_dir'):
     benchmark.validate(config)
+  config.profile_dir = 'README.md/traces'  # under a file: refused before any compute
+  with pytest.raises(ConfigError, match='profile_dir.*a file, not a directory'):
+    benchmark.validate(config)
 
 
 def test_torch_twins_match_parameter_counts():

@@ -177,6 +177,21 @@ def test_batch_must_split_over_devices(key, monkeypatch):
   assert 'multiple of 8' in str(error) and '8 devices' in str(error)
 
 
+@pytest.mark.parametrize('key', ['workdir', 'results_dir', 'compile_cache'])
+def test_output_directories_must_be_writable(key, tmp_path):
+  """A directory that cannot be made fails validation, before a run that would end unable to
+  write; one that can is checked without being made."""
+  (tmp_path / 'a_file').write_text('kept')
+  config = get_config('smoke')
+  config[key] = str(tmp_path / 'a_file' / 'runs')
+  error = raises_config_error(config, key, config[key])
+  assert 'a file, not a directory' in str(error) and f'--config.{key}=' in str(error)
+  config[key] = str(tmp_path / 'new' / 'runs')
+  transfer.validate(config)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+  assert (tmp_path / 'a_file').read_text() == 'kept'
+
+
 # Command line -----------------------------------------------------------------------------------
 
 def test_command_line_refuses_unknown_keys(tmp_path):
