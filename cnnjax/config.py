@@ -9,6 +9,7 @@ import collections.abc
 import hashlib
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def check_writable_dir(config, key):
                       f'--config.{key}=/tmp/{path.name}') from None
 
 
+def validate_distributed(config):
+  """The multi-host keys: all unset (JAX finds the cluster in the environment) or a coordinator
+  host:port, with the process count and this process's id where the environment has none."""
+  check_type(config, 'distributed.enabled', bool)
+  check_type(config, 'distributed.coordinator_address', str)
+  check_type(config, 'distributed.num_processes', int)
+  check_type(config, 'distributed.process_id', int)
+  address, count, index = (config.distributed[k] for k in ('coordinator_address', 'num_processes', 'process_id'))
+  if address and not re.fullmatch(r'[^\s:]+:\d+|\[[0-9a-fA-F:.]+\]:\d+', address):
+    raise ConfigError('distributed.coordinator_address', address, "'' (detected) or HOST:PORT of process 0",
+                      'e.g. --config.distributed.coordinator_address=10.0.0.1:12345')
+  check_positive(config, 'distributed.num_processes', allow_zero=True)
+  if index < -1 or (count and index >= count):
+    raise ConfigError('distributed.process_id', index,
+                      f'-1 (detected) or 0 to {count - 1}' if count else '-1 (detected) or an id >= 0')
+
+
 def config_hash(config):
   """A short stable hash of everything that changes what a run computes."""
   values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -146,7 +164,7 @@ def validate_base(config):
   check_choice(config, 'side_by_side', MEMBER_MODES)
   check_choice(config, 'compute_dtype', ('float32', 'bfloat16', 'float16'))
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
-  check_type(config, 'distributed.enabled', bool)
+  validate_distributed(config)
   check_type(config, 'fsdp', bool)
   for key in ('workdir', 'results_dir'):
     check_writable_dir(config, key)

@@ -174,9 +174,9 @@ def setup(config, validate):
   from cnnjax.train import sharding
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS narrate every step at INFO
   os.environ.setdefault('WANDB_SILENT', 'true')
-  cfg.check_type(config, 'distributed.enabled', bool)
+  cfg.validate_distributed(config)
   if config.distributed.enabled:  # before validation, which counts the devices of all hosts
-    sharding.initialize_distributed(**{k: v for k, v in config.distributed.items() if k != 'enabled'})
+    join_cluster(config.distributed)
   validate(config)
   if config.compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(Path(config.compile_cache).expanduser()))
@@ -187,6 +187,22 @@ def setup(config, validate):
       if option.upper() not in os.environ:  # JAX's own environment variables win
         jax.config.update(option, value)
   return sharding.make_mesh()
+
+
+def join_cluster(distributed):
+  """jax.distributed.initialize from the config's keys, or from the cluster's environment."""
+  from cnnjax.train import sharding
+  try:
+    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
+                                    distributed.process_id)
+  except ValueError as error:
+    if distributed.coordinator_address:
+      raise
+    raise cfg.ConfigError(
+        'distributed.coordinator_address', '', 'HOST:PORT of process 0 where no cluster is detected',
+        'JAX found no SLURM, Open MPI, Kubernetes or TPU-pod environment; give '
+        '--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N '
+        '--config.distributed.process_id=I') from error
 
 
 def command_line(experiment, main):

@@ -192,6 +192,22 @@ def test_output_directories_must_be_writable(key, tmp_path):
   assert (tmp_path / 'a_file').read_text() == 'kept'
 
 
+@pytest.mark.parametrize('key, value', [
+    ('distributed.coordinator_address', 'localhost'),
+    ('distributed.coordinator_address', 'host:port'),
+    ('distributed.num_processes', -2),
+    ('distributed.process_id', 2),
+    ('distributed.process_id', -3),
+])
+def test_distributed_keys_are_checked(key, value):
+  config = with_value(key, value)
+  config.distributed.num_processes = config.distributed.num_processes or 2
+  raises_config_error(config, key, value)
+  good = with_value('distributed.coordinator_address', '10.0.0.1:12345')
+  good.distributed.update(num_processes=2, process_id=1)
+  transfer.validate(good)
+
+
 # Command line -----------------------------------------------------------------------------------
 
 def test_command_line_refuses_unknown_keys(tmp_path):
@@ -205,6 +221,19 @@ def test_command_line_refuses_unknown_keys(tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert 'not_a_key' in result.stderr
+  assert not (tmp_path / 'work').exists() and not (tmp_path / 'results').exists()
+
+
+def test_multi_host_without_a_cluster_says_which_keys_to_give(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'KUBERNETES_', 'TPU_'))}
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.transfer', '--config=experiments/configs/transfer.py:smoke',
+       '--config.distributed.enabled=True', f'--config.workdir={tmp_path / "work"}',
+       f'--config.results_dir={tmp_path / "results"}', '--config.compile_cache=', '--config.wandb.mode=disabled'],
+      cwd=REPO, env=dict(env, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "ConfigError: config.distributed.coordinator_address = ''" in result.stderr
+  assert '--config.distributed.num_processes=N' in result.stderr
   assert not (tmp_path / 'work').exists() and not (tmp_path / 'results').exists()
 
 
