@@ -263,12 +263,13 @@ def chunk_steps_for(config, name):
   return config.throughput_chunk_steps if name in SMALL_MODELS else config.large_chunk_steps
 
 
-def torch_available():
+def torch_version():
+  """PyTorch's version, or None when it is not installed."""
   try:
-    import torch  # noqa: F401
-    return True
+    import torch
+    return torch.__version__
   except ImportError:
-    return False
+    return None
 
 
 # Compile cache ----------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ class Benchmark:
   def throughput(self):
     """(1) cnnjax vs PyTorch eager images/s, same model, batch and Adam."""
     c = self.config
-    have_torch = c.torch and torch_available()
+    have_torch = c.torch and torch_version() is not None
     if c.torch and not have_torch:
       self.notes.append('PyTorch rows skipped: torch is not installed (pip install torch==2.13.0, the bench extra).')
       print('  torch is not installed: skipping the PyTorch rows (pip install torch==2.13.0)', flush=True)
@@ -481,22 +482,16 @@ class Benchmark:
                        for name in dict.fromkeys(('digit_cnn', *c.models)))
     self.table.caption = ' '.join([
         f'Training steps with Adam on synthetic device-resident batches ({shapes}); each value is one '
-        f'repeat of {c.chunk_steps} steps (the larger models: {c.large_chunk_steps} steps) after a warm-up call. '
+        f'timed call after a warm-up call: of {c.throughput_chunk_steps} steps in the cnnjax and PyTorch rows '
+        f'({c.large_chunk_steps} for the larger models), {c.member_chunk_steps} per member in the M= rows, '
+        f'{c.chunk_steps} in the chunk rows. '
         'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '
         'ratio < 1: the first is faster; grain > 1: the loader outpaces training). The cost per call (ms) and '
         'compute per step split the chunk and loop times as compute + cost per call / steps per call. '
         'Here n counts timed repeats, not seeds.',
         *self.notes])
     self.exp.write_table(self.table, medians=self.medians, cpu_count=os.cpu_count(),
-                         load_average=[round(x, 2) for x in os.getloadavg()], torch=_torch_version())
-
-
-def _torch_version():
-  try:
-    import torch
-    return torch.__version__
-  except ImportError:
-    return None
+                         load_average=[round(x, 2) for x in os.getloadavg()], torch=torch_version())
 
 
 def main(config):

@@ -48,12 +48,13 @@ def test_smoke_preset_writes_table(tmp_path):
               'digit_cnn lax.scan over 2 steps', 'digit_cnn compile warm / cold s', 'grain mnist_5k loader',
               'digit_cnn cost per call (from loop and chunk)'):
     assert row in measured, (row, sorted(measured))
-  if benchmark.torch_available():
+  if benchmark.torch_version() is not None:
     assert {'digit_cnn cnnjax / torch images/s', 'digit_cnn cnnjax, XLA reductions / torch images/s'} <= measured
   else:
     assert 'torch is not installed' in done.stdout
   caption = (out / 'table.md').read_text()  # names the models measured, with their input and batch
   assert 'digit_cnn 28x28x1 at batch 32' in caption and 'resnet20' not in caption
+  assert 'of 2 steps in the cnnjax and PyTorch rows' in caption and '1 per member' in caption
   record = json.loads((out / 'provenance.json').read_text())
   assert record['experiment'] == 'benchmark' and record['medians'] and record['command'].startswith(
       'python -m experiments.benchmark')
