@@ -162,7 +162,10 @@ def validate_base(config):
     check_positive(config, key, allow_zero=True)
     check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')
   check_choice(config, 'side_by_side', MEMBER_MODES)
-  check_choice(config, 'compute_dtype', ('float32', 'bfloat16', 'float16'))
+  if config.compute_dtype == 'float16':  # its narrow exponent needs loss scaling, which cnnjax does not do
+    raise ConfigError('compute_dtype', 'float16', ['bfloat16', 'float32'],
+                      'float16 gradients underflow without loss scaling; bfloat16 has float32\'s range')
+  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
   validate_distributed(config)
   check_type(config, 'fsdp', bool)

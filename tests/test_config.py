@@ -156,6 +156,13 @@ def test_labels_per_class_are_non_negative_integers(value):
   raises_config_error(config, 'labels_per_class', value)
 
 
+def test_float16_compute_is_refused_for_lack_of_loss_scaling():
+  config = get_config('smoke')
+  config.compute_dtype = 'float16'
+  error = raises_config_error(config, 'compute_dtype', 'float16')
+  assert 'loss scaling' in str(error) and 'bfloat16' in str(error)
+
+
 def test_unknown_choice_of_side_by_side_and_wandb_mode():
   config = get_config('smoke')
   config.side_by_side = 'pmap'
