@@ -41,15 +41,15 @@ def lookup(config, key):
   return value
 
 
-def check_choice(config, key, choices):
-  """The value (or each value of a list) is one of `choices`."""
+def check_choice(config, key, choices, hint=''):
+  """The value (or each value of a list) is one of `choices` (`hint`: why others are not)."""
   value = lookup(config, key)
   values = value if isinstance(value, (list, tuple)) else [value]
   if not values:
     raise ConfigError(key, value, f'one or more of {sorted(choices)}')
   for v in values:
     if not isinstance(v, collections.abc.Hashable) or v not in choices:
-      raise ConfigError(key, v, sorted(choices))
+      raise ConfigError(key, v, sorted(choices), hint)
 
 
 def check_positive(config, key, allow_zero=False):
@@ -162,10 +162,8 @@ def validate_base(config):
     check_positive(config, key, allow_zero=True)
     check_divisible(config, key, config.chunk_steps, 'evaluations and checkpoints fall on chunk ends')
   check_choice(config, 'side_by_side', MEMBER_MODES)
-  if config.compute_dtype == 'float16':  # its narrow exponent needs loss scaling, which cnnjax does not do
-    raise ConfigError('compute_dtype', 'float16', ['bfloat16', 'float32'],
-                      'float16 gradients underflow without loss scaling; bfloat16 has float32\'s range')
-  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  check_choice(config, 'compute_dtype', ('float32', 'bfloat16'),
+               'not float16: its gradients underflow without loss scaling, which cnnjax does not do')
   check_choice(config, 'wandb.mode', ('auto', 'online', 'offline', 'disabled'))
   validate_distributed(config)
   check_type(config, 'fsdp', bool)
