@@ -62,7 +62,8 @@ class Experiment:
 
     Another process of the same sweep may hold a cell (an flock on `<cell_dir>/.lock`, which the
     kernel drops when its holder dies): such a cell is left for later, then waited for, so two
-    runs into one workdir share the work and each ends with every cell's result.
+    runs into one workdir share the work and each ends with every cell's result. The processes
+    of one multi-host run are not such a sweep: they take every cell together, in order.
     """
     results, busy = {}, []
     for i, cell in enumerate(cells):
@@ -145,8 +146,15 @@ class Experiment:
 
 @contextlib.contextmanager
 def cell_lock(cell_dir, wait):
-  """An exclusive flock on `<cell_dir>/.lock`; yields whether it is held (always, when `wait`)."""
+  """An exclusive flock on `<cell_dir>/.lock`; yields whether it is held (always, when `wait`).
+
+  The processes of one multi-host run train every cell together (their steps are collectives), so
+  in such a run no process locks a cell: one holding it would send the others on to the next cell.
+  """
   cell_dir.mkdir(parents=True, exist_ok=True)
+  if jax.process_count() > 1:
+    yield True
+    return
   with open(cell_dir / '.lock', 'a') as lock:  # 'a': creating it once, never touching it again
     try:
       fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)

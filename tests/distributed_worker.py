@@ -16,13 +16,16 @@ os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_p
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from cnnjax import data, models  # noqa: E402
 from cnnjax.methods.classification import cross_entropy  # noqa: E402
 from cnnjax.train import sharding, state as train_state, steps  # noqa: E402
 from cnnjax.train.checkpoint import Checkpoints  # noqa: E402
+from experiments import runner  # noqa: E402
 
 if not port:
   sharding.initialize_distributed()
@@ -58,5 +61,11 @@ with Checkpoints(checkpoint_dir) as checkpoints:
   restored = checkpoints.restore(states)
 same = all(np.array_equal(a.addressable_data(0), b.addressable_data(0))
            for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(states)))
+# A grid through the experiment runner, its workdir shared: every process must be in the same cell.
+experiment = runner.Experiment('grid', ml_collections.ConfigDict(
+    {'workdir': f'{checkpoint_dir}-grid', 'results_dir': f'{checkpoint_dir}-results', 'preset': 'smoke'}), mesh)
+cells = [runner.Cell('row', str(i), {'i': i}) for i in range(3)]
+in_cell = lambda cell, _: {'cells': multihost_utils.process_allgather(np.int32(cell.config['i'])).tolist()}
+grid = [experiment.run_grid(cells, in_cell)[cell]['cells'] for cell in cells]
 print('RESULT', json.dumps({'devices': jax.device_count(), 'losses': losses, 'restored': same,
-                                  'stream_losses': stream_losses}), flush=True)
+                            'stream_losses': stream_losses, 'grid': grid}), flush=True)

@@ -1,7 +1,7 @@
 """Two local CPU processes (4 virtual devices each, gloo collectives) train like one process with
-the same global batch (device-resident or streamed by grain per process), and save and restore
-one checkpoint together. Process 0 names the coordinator; process 1 finds it from SLURM's
-environment, as under `srun`."""
+the same global batch (device-resident or streamed by grain per process), save and restore one
+checkpoint together and go through an experiment grid cell by cell together. Process 0 names the
+coordinator; process 1 finds it from SLURM's environment, as under `srun`."""
 
 import json
 import os
@@ -63,3 +63,6 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_allclose(first['stream_losses'], single['stream_losses'], rtol=1e-5)
   assert first['stream_losses'] == second['stream_losses']
   assert first['restored'] and second['restored']
+  # The runner's grid, its workdir shared: both processes took each cell together (no cell locks).
+  assert first['grid'] == second['grid'] == [[i, i] for i in range(3)]
+  assert single['grid'] == [[i] for i in range(3)]
