@@ -7,8 +7,10 @@
 #   experiments/device_check.sh OUT [DIR]          there: install the wheels in DIR offline (into
 #                                                  /tmp/cnnjax-site, nothing system-wide), then run
 #                                                  1. the benchmark's `paper` preset: cnnjax vs PyTorch (on the
-#                                                     GPU when torch sees one), members M = 1, 2, 5, chunks,
-#                                                     compile cache, grain, ResNet-50 bf16 images/s and MFU;
+#                                                     GPU when torch sees one), members M = 1, 2, 5 (10 steps
+#                                                     per call, as training calls chunks: rolled there, so
+#                                                     compiled once), chunks, compile cache, grain, ResNet-50
+#                                                     bf16 images/s and MFU;
 #                                                  2. the transfer `paper` preset, shortened to a few minutes
 #                                                     (ResNet-20, bf16): on cifar100 -> cifar10 when they are
 #                                                     prepared in the TFDS data dir, else on the embedded
@@ -46,7 +48,7 @@ if [[ ${1:-} == wheels ]]; then
   exit 0
 fi
 
-[[ $# -ge 1 ]] || { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -ge 1 ]] || { sed -n '2,/^set /s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 2; }  # the header
 out=$(mkdir -p "$1" && cd "$1" && pwd)
 wheels=${2:-.whl}
 site=/tmp/cnnjax-site
@@ -72,7 +74,7 @@ failed=()
 echo "== benchmark (paper preset)"
 $PYTHON -m experiments.benchmark --config=experiments/configs/benchmark.py:paper \
   --config.results_dir="$out" --config.workdir=/tmp/cnnjax-work --config.peak_flops="${PEAK_FLOPS:-989e12}" \
-  "${benchmark_flags[@]}" || failed+=(benchmark)
+  --config.member_chunk_steps=10 "${benchmark_flags[@]}" || failed+=(benchmark)
 
 echo "== transfer (paper preset, shortened)"
 catalog_ready=$($PYTHON -c "
