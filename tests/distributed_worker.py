@@ -1,7 +1,8 @@
 """One process of tests/test_distributed.py: trains a few steps on a global batch over every
 device of every process, once from a replicated device-resident split and once from grain batches
-that each process reads for itself and that become global arrays, and prints the losses as JSON
-(run as a script, not collected by pytest).
+that each process reads for itself and that become global arrays, saves and restores a checkpoint
+in CHECKPOINT_DIR, runs a 3-cell grid of the experiment runner in CHECKPOINT_DIR-grid, and prints
+the losses and which cell each process was in as JSON (run as a script, not collected by pytest).
 
 usage: distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS CHECKPOINT_DIR
 (PORT '': JAX finds the coordinator, process count and id in the environment, e.g. SLURM's)
@@ -66,6 +67,7 @@ experiment = runner.Experiment('grid', ml_collections.ConfigDict(
     {'workdir': f'{checkpoint_dir}-grid', 'results_dir': f'{checkpoint_dir}-results', 'preset': 'smoke'}), mesh)
 cells = [runner.Cell('row', str(i), {'i': i}) for i in range(3)]
 in_cell = lambda cell, _: {'cells': multihost_utils.process_allgather(np.int32(cell.config['i'])).tolist()}
-grid = [experiment.run_grid(cells, in_cell)[cell]['cells'] for cell in cells]
+results = experiment.run_grid(cells, in_cell)
+grid = [results[cell]['cells'] for cell in cells]
 print('RESULT', json.dumps({'devices': jax.device_count(), 'losses': losses, 'restored': same,
                             'stream_losses': stream_losses, 'grid': grid}), flush=True)
