@@ -61,6 +61,7 @@ def validate(config):
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
       raise cfg.ConfigError('members', m, 'integers >= 1')
   cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
+  cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
   for key in ('torch', 'compile', 'bf16', 'xla_reductions'):
@@ -303,9 +304,9 @@ def compile_seconds(config, cache_dir):
 
 # grain ------------------------------------------------------------------------------------------
 
-def grain_seconds(config, batch_size):
-  """Seconds per repeat of `grain_batches` batches from the grain loader (after a warm-up batch)."""
-  source = data.data_source(config.grain_dataset, 'train', config.data_dir or None)
+def grain_seconds(config, source, batch_size):
+  """Seconds per repeat of `grain_batches` batches from the grain loader over `source` (after a
+  warm-up batch)."""
   batches = data.grain_batches(source, global_batch_size=batch_size, seed=0)
 
   def read(_):
@@ -327,6 +328,8 @@ class Benchmark:
                        f'({jax.device_count()} {jax.default_backend()} device(s))', digits=2)
     self.medians, self.notes = {}, []
     self.consumed = None  # digit-CNN images/s, for the grain comparison
+    # Opened before any timing, so that a missing or unprepared dataset stops the run at once.
+    self.grain_source = data.data_source(c.grain_dataset, 'train', c.data_dir or None)
 
   def add(self, row, column, values):
     for value in values:
@@ -459,7 +462,7 @@ class Benchmark:
     c = self.config
     batch = c.batch_sizes.digit_cnn
     print('[grain]', flush=True)
-    seconds = grain_seconds(c, batch)
+    seconds = grain_seconds(c, self.grain_source, batch)
     rate = [c.grain_batches * batch / s for s in seconds]
     self.add(f'grain {c.grain_dataset} loader', 'images/s', rate)
     if self.consumed:

@@ -120,6 +120,11 @@ def test_validation_names_the_key():
   config.profile_dir = None
   with pytest.raises(ConfigError, match='profile_dir'):
     benchmark.validate(config)
+  config = get_config('smoke')
+  config.grain_dataset = 'mnist_55k'
+  with pytest.raises(ConfigError, match='grain_dataset'):
+    benchmark.validate(config)
+  config = get_config('smoke')
   config.profile_dir = 'README.md/traces'  # under a file: refused before any compute
   with pytest.raises(ConfigError, match='profile_dir.*a file, not a directory'):
     benchmark.validate(config)
