@@ -470,15 +470,16 @@ class Benchmark:
                [r / used for r, used in zip(rate, self.consumed)])
 
   def run(self):
-    self.throughput()
-    self.members()
-    self.chunks()
-    if self.config.compile:
-      self.compile()
-    self.grain()
-    self.write()
+    """Every section, the table rewritten after each: a run stopped early (a time limit, an
+    error) keeps what it measured, marked as partial."""
+    sections = [self.throughput, self.members, self.chunks, *([self.compile] if self.config.compile else []),
+                self.grain]
+    for i, section in enumerate(sections):
+      section()
+      left = [s.__name__ for s in sections[i + 1:]]
+      self.write(partial=f'Partial: the run had yet to measure {", ".join(left)}.' if left else '')
 
-  def write(self):
+  def write(self, partial=''):
     c = self.config
     # The digit CNN also runs the members, chunks and grain sections.
     shapes = ', '.join(f'{name} {INPUTS[name][0]}x{INPUTS[name][0]}x{INPUTS[name][1]} at batch {c.batch_sizes[name]}'
@@ -492,8 +493,8 @@ class Benchmark:
         'ratio < 1: the first is faster; grain > 1: the loader outpaces training). The cost per call (ms) and '
         'compute per step split the chunk and loop times as compute + cost per call / steps per call. '
         'Here n counts timed repeats, not seeds.',
-        *self.notes])
-    self.exp.write_table(self.table, medians=self.medians, cpu_count=os.cpu_count(),
+        *self.notes, partial]).strip()
+    self.exp.write_table(self.table, medians=self.medians, complete=not partial, cpu_count=os.cpu_count(),
                          load_average=[round(x, 2) for x in os.getloadavg()], torch=torch_version())
 
 

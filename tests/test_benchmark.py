@@ -18,7 +18,7 @@ import pytest
 
 from cnnjax.errors import ConfigError
 from cnnjax.train import sharding
-from experiments import benchmark
+from experiments import benchmark, runner
 from experiments.configs.benchmark import get_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,10 @@ def test_smoke_preset_writes_table(tmp_path):
   caption = (out / 'table.md').read_text()  # names the models measured, with their input and batch
   assert 'digit_cnn 28x28x1 at batch 32' in caption and 'resnet20' not in caption
   assert 'of 2 steps in the cnnjax and PyTorch rows' in caption and '1 per member' in caption
+  assert 'Partial' not in caption
   record = json.loads((out / 'provenance.json').read_text())
   assert record['experiment'] == 'benchmark' and record['medians'] and record['command'].startswith(
-      'python -m experiments.benchmark')
+      'python -m experiments.benchmark') and record['complete']
 
 
 def test_timed_variants_take_turns_and_carry_their_state():
@@ -79,6 +80,23 @@ def test_chunk_comparisons_cover_the_small_models(monkeypatch):
   monkeypatch.setattr(benchmark.Benchmark, 'chunks_of', lambda self, name: compared.append(name))
   benchmark.Benchmark(types.SimpleNamespace(config=config)).chunks()
   assert compared == ['digit_cnn', 'conv4']  # the digit CNN always, ResNet-20 never
+
+
+def test_a_run_stopped_early_keeps_its_table_marked_partial(tmp_path, monkeypatch):
+  config = get_config('smoke')
+  config.results_dir = str(tmp_path)
+  bench = benchmark.Benchmark(runner.Experiment('benchmark', config, sharding.make_mesh()))
+  monkeypatch.setattr(bench, 'throughput', lambda: bench.add('digit_cnn cnnjax', 'ms/step', [2.0, 4.0]))
+  monkeypatch.setattr(bench, 'members', lambda: None)
+  def chunks():
+    raise KeyboardInterrupt  # as a time limit would stop it
+  monkeypatch.setattr(bench, 'chunks', chunks)
+  with pytest.raises(KeyboardInterrupt):
+    bench.run()
+  out = tmp_path / 'benchmark' / 'smoke'
+  assert 'digit_cnn cnnjax,ms/step,3.0' in (out / 'table.csv').read_text()
+  assert 'Partial: the run had yet to measure chunks, compile, grain.' in (out / 'table.md').read_text()
+  assert json.loads((out / 'provenance.json').read_text())['complete'] is False
 
 
 def test_flops_count_every_convolution():
