@@ -8,6 +8,7 @@ Presets, command and table: experiments/configs/benchmark.py.
 """
 
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 
 from cnnjax import YNN_FUSION_FLAG, config as cfg
-from cnnjax import data, models
+from cnnjax import data, models, ops
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.tables import Table
 from cnnjax.train import sharding, state as train_state, steps
@@ -64,7 +65,7 @@ def validate(config):
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'bf16', 'xla_reductions'):
+  for key in ('torch', 'compile', 'bf16', 'xla_reductions', 'xla_convolutions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
   if config.profile_dir:
@@ -124,7 +125,7 @@ def profile(call, state, directory, top=8):
 class Bench:
   """Synthetic device-resident data and the train step of one model, as the experiments build it."""
 
-  def __init__(self, config, mesh, name, dtype='float32'):
+  def __init__(self, config, mesh, name, dtype='float32', xla_convolutions=False):
     self.config, self.mesh, self.name = config, mesh, name
     size, channels = INPUTS[name]
     self.batch_size = config.batch_sizes[name]
@@ -132,7 +133,12 @@ class Bench:
     split = {'image': rng.integers(0, 256, (config.split_size, size, size, channels), dtype=np.uint8),
              'label': rng.integers(0, NUM_CLASSES, config.split_size).astype(np.int32)}
     self.source = sharding.replicate({'split': split}, mesh)
-    self.build = lambda seed: models.build(name, num_classes=NUM_CLASSES, seed=seed, channels=channels, dtype=dtype)
+    convolutions = ops.xla_convolutions if xla_convolutions else contextlib.nullcontext
+
+    def build(seed):  # the model's convolutions are chosen when it is built (cnnjax/ops/conv.py)
+      with convolutions():
+        return models.build(name, num_classes=NUM_CLASSES, seed=seed, channels=channels, dtype=dtype)
+    self.build = build
     model = self.build(0)
     self.tx = optax.adam(config.learning_rate)
     self.graphdef = train_state.split_model(model)[0]
@@ -165,7 +171,8 @@ class Bench:
   def flops(self, fn, state):
     """Flops of one call of the jitted `fn` from XLA's cost analysis of the program before
     optimization (0 when it has none): the compiled program's analysis misses the convolutions
-    that XLA:GPU hands to cuDNN (on an H200 it counted ~1/57 of ResNet-50's)."""
+    that XLA:GPU hands to cuDNN (on an H200 it counted ~1/57 of ResNet-50's). Custom calls count
+    nothing: on CPU, count a Bench built with `xla_convolutions` (oneDNN's are custom calls)."""
     try:
       analysis = fn.lower(state, self.source).cost_analysis()
       analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
@@ -364,6 +371,9 @@ class Benchmark:
       programs = {'cnnjax': (bench, bench.chunk(k))}  # label: (bench, jitted chunk)
       if c.xla_reductions and cpu:
         programs['cnnjax, XLA reductions'] = bench, bench.chunk(k, XLA_REDUCTIONS)
+      if c.xla_convolutions and cpu:
+        xla = Bench(c, self.exp.mesh, name, xla_convolutions=True)
+        programs['cnnjax, XLA convolutions'] = xla, xla.chunk(k)
       if c.bf16 and not cpu:
         low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
         programs['cnnjax bf16'] = low, low.chunk(k)
@@ -372,7 +382,8 @@ class Benchmark:
         timers['torch'] = torch_timer(c, name)
       ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
             for label, seconds in time_repeats(timers, c.repeats, profile_dir=self.profile_dir(name)).items()}
-      ours, xla = ms['cnnjax'], ms.get('cnnjax, XLA reductions')
+      ours = ms['cnnjax']
+      xla_variants = [label for label in ms if label.startswith('cnnjax, XLA ')]
       if name == 'digit_cnn':
         self.consumed = [1000 * bench.batch_size / m for m in ours]
       if c.peak_flops and not cpu:  # of the bf16 program when there is one: peak_flops is a bf16 peak
@@ -381,13 +392,12 @@ class Benchmark:
         flops = b.flops(fn, b.states()) / k
         if flops:
           self.add(f'{name} {label}', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ms[label]])
-      if xla:
-        self.add(f'{name} cnnjax / cnnjax, XLA reductions images/s', 'ratio', [x / o for o, x in zip(ours, xla)])
+      for label in xla_variants:
+        self.add(f'{name} cnnjax / {label} images/s', 'ratio', [x / o for o, x in zip(ours, ms[label])])
       if have_torch:
         theirs = ms['torch']
-        self.add(f'{name} cnnjax / torch images/s', 'ratio', [t / o for o, t in zip(ours, theirs)])
-        if xla:
-          self.add(f'{name} cnnjax, XLA reductions / torch images/s', 'ratio', [t / o for o, t in zip(xla, theirs)])
+        for label in ['cnnjax', *xla_variants]:
+          self.add(f'{name} {label} / torch images/s', 'ratio', [t / o for o, t in zip(ms[label], theirs)])
 
   def members(self):
     """(2) M members in one program (vmap, unroll) or on one thread each vs M sequential calls."""

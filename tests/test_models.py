@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from cnnjax import metrics, models
+from cnnjax import metrics, models, ops
 from cnnjax.errors import ConfigError
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.methods.transfer import path_str, startswith_any
@@ -167,8 +167,9 @@ def test_resnet_training_computes_each_block_output_once():
   """No transpose of the compiled ResNet-20 train step (XLA:CPU's weight-gradient convolutions read
   their input transposed) rebuilds the residual stream: each reads at most two activations (one
   block's). With relu(y + shortcut) XLA recomputed earlier blocks inside it: up to four
-  (layers.residual_relu)."""
-  model = models.build('resnet20_cifar', num_classes=5, seed=0)
+  (layers.residual_relu). With XLA's convolutions (the CPU default is oneDNN's, cnnjax.ops)."""
+  with ops.xla_convolutions():
+    model = models.build('resnet20_cifar', num_classes=5, seed=0)
   tx = optax.sgd(0.1)
   step = steps.make_train_step(train_state.split_model(model)[0], tx, cross_entropy)
   batch = {'image': np.zeros((4, 16, 16, 3), np.float32), 'label': np.arange(4, dtype=np.int32)}

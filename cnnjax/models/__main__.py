@@ -1,8 +1,9 @@
 """The zoo at a glance: `python -m cnnjax.models [--out results/models.md] [--models NAME ...]`.
 
 For every registered model: parameters (from abstract shapes) and forward FLOPs per example at
-its standard input (XLA's cost analysis of the lowered inference program; nothing is allocated
-or compiled). One multiply-add counts as 2 FLOPs.
+its standard input (XLA's cost analysis of the lowered inference program, with XLA's convolutions:
+it counts none in custom calls such as cnnjax.ops' oneDNN ones; nothing is allocated or compiled).
+One multiply-add counts as 2 FLOPs.
 """
 
 import argparse
@@ -11,13 +12,14 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from cnnjax import tables, tracking
+from cnnjax import ops, tables, tracking
 from cnnjax.models import MODELS, SPECS, build
 
 
 def forward_flops(name):
   spec = SPECS[name]
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build(name, **spec.kwargs)))
+  with ops.xla_convolutions():
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(name, **spec.kwargs)))
 
   def forward(state, *inputs):
     model = nnx.merge(graphdef, state)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cnnjax.models.layers import Conv
 from cnnjax.models.registry import Classifier, check_images, register
 
 
@@ -54,7 +55,7 @@ class ConvStage(nnx.Module):
 
   def __init__(self, layers, pool, *, rngs, dtype):
     # layers: (cin, cout, kernel, stride, padding)
-    self.convs = nnx.List([nnx.Conv(cin, cout, (k, k), strides=s, padding=p, dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([Conv(cin, cout, (k, k), strides=s, padding=p, dtype=dtype, rngs=rngs)
                            for cin, cout, k, s, p in layers])
     self.pool = pool
 

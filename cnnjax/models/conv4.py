@@ -8,7 +8,7 @@ Learning"), used by Prototypical Networks (Snell et al. 2017), MAML (Finn et al.
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import BatchNorm
+from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import Classifier, check_images, max_pool2, register
 
 
@@ -16,7 +16,7 @@ class ConvBlock(nnx.Module):
   """conv 3x3 (same padding, with bias) -> batch norm -> ReLU -> 2x2 max pool."""
 
   def __init__(self, cin, cout, *, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv = Conv(cin, cout, (3, 3), dtype=dtype, rngs=rngs)
     self.norm = BatchNorm(cout, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import Conv
 from cnnjax.models.registry import register
 
 
@@ -29,7 +30,7 @@ class ConvLSTMCell(nnx.Module):
 
   def __init__(self, cin, hidden, kernel, size, *, rngs, dtype):
     self.hidden, self.dtype = hidden, dtype
-    conv = lambda c, bias: nnx.Conv(c, 4 * hidden, (kernel, kernel), padding='SAME', use_bias=bias,
+    conv = lambda c, bias: Conv(c, 4 * hidden, (kernel, kernel), padding='SAME', use_bias=bias,
                                     dtype=dtype, rngs=rngs)
     self.input_conv = conv(cin, True)      # W_x* and the biases b_*, the four gates stacked
     self.hidden_conv = conv(hidden, False)  # W_h*

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import BatchNorm
+from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import check_images, max_pool2, register
 
 
@@ -26,7 +26,7 @@ class Branch(nnx.Module):
   """Conv-BN-ReLU-pool stages, then global average pooling: (B, H, W, C) -> (B, widths[-1])."""
 
   def __init__(self, channels, widths, *, rngs, dtype):
-    self.convs = nnx.List([nnx.Conv(cin, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([Conv(cin, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
                            for cin, cout in zip((channels, *widths[:-1]), widths)])
     self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in widths])
 

@@ -3,8 +3,20 @@ blocks, a pooled backbone."""
 
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
+from cnnjax import ops
 from cnnjax.models.registry import check_images
+
+
+class Conv(nnx.Conv):
+  """nnx.Conv whose 2-D float32 convolutions run on oneDNN on a single CPU device (cnnjax/ops/conv.py),
+  unless the model is built inside `ops.xla_convolutions()` or with CNNJAX_ONEDNN=0."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault('conv_general_dilated',
+                      ops.conv_general_dilated if ops.onednn_enabled() else lax.conv_general_dilated)
+    super().__init__(*args, **kwargs)
 
 
 class RunningStat(nnx.BatchStat):
@@ -36,7 +48,7 @@ class ConvBN(nnx.Module):
   then `act` (None: linear)."""
 
   def __init__(self, cin, cout, kernel, stride=1, *, groups=1, rate=1, act=nnx.relu, epsilon=1e-5, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=rate * (kernel // 2),
+    self.conv = Conv(cin, cout, (kernel, kernel), strides=stride, padding=rate * (kernel // 2),
                          kernel_dilation=rate, feature_group_count=groups, use_bias=False, dtype=dtype, rngs=rngs)
     self.norm = BatchNorm(cout, epsilon=epsilon, dtype=dtype, rngs=rngs)
     self.act = act

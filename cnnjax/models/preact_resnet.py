@@ -10,13 +10,13 @@ activated), global average pooling and the head: 11,172,170 parameters at 10 cla
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import Backbone, BatchNorm
+from cnnjax.models.layers import Backbone, BatchNorm, Conv
 from cnnjax.models.registry import Classifier, register
 
 
 def bn_conv(cin, cout, stride, *, rngs, dtype):
   return (BatchNorm(cin, dtype=dtype, rngs=rngs),
-          nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, dtype=dtype, rngs=rngs))
+          Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, dtype=dtype, rngs=rngs))
 
 
 class PreActBlock(nnx.Module):
@@ -25,7 +25,7 @@ class PreActBlock(nnx.Module):
   def __init__(self, cin, cout, stride, *, rngs, dtype):
     self.norm1, self.conv1 = bn_conv(cin, cout, stride, rngs=rngs, dtype=dtype)
     self.norm2, self.conv2 = bn_conv(cout, cout, 1, rngs=rngs, dtype=dtype)
-    self.shortcut = (nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
+    self.shortcut = (Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
                      if stride != 1 or cin != cout else None)
 
   def __call__(self, x):
@@ -56,7 +56,7 @@ def preact_backbone(stem, layout, channels, name, *, rngs, dtype):
   cins = (stem, *(width for _, width, _ in layout[:-1]))
   stages = [Stage(cin, width, n, stride, i == len(layout) - 1, **kw)
             for i, (cin, (n, width, stride)) in enumerate(zip(cins, layout))]
-  stem_conv = nnx.Conv(channels, stem, (3, 3), padding=1, use_bias=False, **kw)
+  stem_conv = Conv(channels, stem, (3, 3), padding=1, use_bias=False, **kw)
   return Backbone(name, channels, stem_conv, stages, layout[-1][1], dtype=dtype)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.ndimage import map_coordinates
 
+from cnnjax.models.layers import Conv
 from cnnjax.models.registry import register
 
 
@@ -45,7 +46,7 @@ class ConvBlock(nnx.Module):
   """3x3(x3) convolution (stride 1 or 2) -> LeakyReLU(0.2)."""
 
   def __init__(self, ndim, cin, cout, stride, *, rngs, dtype):
-    self.conv = nnx.Conv(cin, cout, (3,) * ndim, strides=stride, padding='SAME', dtype=dtype, rngs=rngs)
+    self.conv = Conv(cin, cout, (3,) * ndim, strides=stride, padding='SAME', dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return nnx.leaky_relu(self.conv(x), 0.2)
@@ -85,7 +86,7 @@ class VoxelMorph(nnx.Module):
       raise ValueError(f'voxelmorph needs len(dec) == len(enc) + 3, got {len(enc)} and {len(dec)}')
     self.ndim, self.channels, self.levels, self.dtype = ndim, channels, len(enc), dtype
     self.unet = UNet(ndim, 2 * channels, enc, dec, rngs=rngs, dtype=dtype)
-    self.flow = nnx.Conv(dec[-1], ndim, (3,) * ndim, padding='SAME', dtype=dtype, rngs=rngs,
+    self.flow = Conv(dec[-1], ndim, (3,) * ndim, padding='SAME', dtype=dtype, rngs=rngs,
                          kernel_init=nnx.initializers.normal(1e-5), bias_init=nnx.initializers.zeros)
 
   def __call__(self, moving, fixed):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import ConvBN
+from cnnjax.models.layers import Conv, ConvBN
 from cnnjax.models.registry import check_images, register
 from cnnjax.models.resnet import WIDTHS, Bottleneck, Stem, stage
 
@@ -59,7 +59,7 @@ class FCNHead(nnx.Module):
 
   def __init__(self, cin, num_classes, *, rngs, dtype):
     self.conv = ConvBN(cin, cin // 4, 3, rngs=rngs, dtype=dtype)
-    self.classifier = nnx.Conv(cin // 4, num_classes, (1, 1), dtype=dtype, rngs=rngs)
+    self.classifier = Conv(cin // 4, num_classes, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.classifier(self.conv(x))
@@ -95,7 +95,7 @@ class DeepLabHead(nnx.Module):
   def __init__(self, cin, num_classes, rates, width, *, rngs, dtype):
     self.aspp = ASPP(cin, width, rates, rngs=rngs, dtype=dtype)
     self.conv = ConvBN(width, width, 3, rngs=rngs, dtype=dtype)
-    self.classifier = nnx.Conv(width, num_classes, (1, 1), dtype=dtype, rngs=rngs)
+    self.classifier = Conv(width, num_classes, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.classifier(self.conv(self.aspp(x)))

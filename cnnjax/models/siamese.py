@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import BatchNorm
+from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import check_images, register
 
 
@@ -41,7 +41,7 @@ class Embedding(nnx.Module):
   def __init__(self, channels, widths, kernels, groups, *, rngs, dtype):
     self.channels, self.dtype = channels, dtype
     cins = (channels, *widths[:-1])
-    self.convs = nnx.List([nnx.Conv(cin, cout, (k, k), strides=2 if i == 0 else 1, padding='VALID',
+    self.convs = nnx.List([Conv(cin, cout, (k, k), strides=2 if i == 0 else 1, padding='VALID',
                                     feature_group_count=g, dtype=dtype, rngs=rngs)
                            for i, (cin, cout, k, g) in enumerate(zip(cins, widths, kernels, groups))])
     self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in widths[:-1]])

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import Conv
 from cnnjax.models.registry import check_images, register
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean of the EDSR code, for images in [0, 1]
@@ -44,7 +45,7 @@ class SRCNN(nnx.Module):
 
   def __init__(self, channels, upscale, f1, f2, f3, n1, n2, *, rngs, dtype):
     self.channels, self.upscale, self.dtype = channels, upscale, dtype
-    conv = lambda cin, cout, k: nnx.Conv(cin, cout, (k, k), padding='SAME', dtype=dtype, rngs=rngs)
+    conv = lambda cin, cout, k: Conv(cin, cout, (k, k), padding='SAME', dtype=dtype, rngs=rngs)
     self.extract = conv(channels, n1, f1)
     self.map = conv(n1, n2, f2)
     self.reconstruct = conv(n2, channels, f3)
@@ -69,7 +70,7 @@ class ESPCN(nnx.Module):
 
   def __init__(self, channels, upscale, n1, n2, *, rngs, dtype):
     self.channels, self.upscale, self.dtype = channels, upscale, dtype
-    conv = lambda cin, cout, k: nnx.Conv(cin, cout, (k, k), padding='SAME', dtype=dtype, rngs=rngs)
+    conv = lambda cin, cout, k: Conv(cin, cout, (k, k), padding='SAME', dtype=dtype, rngs=rngs)
     self.conv1 = conv(channels, n1, 5)
     self.conv2 = conv(n1, n2, 3)
     self.conv3 = conv(n2, channels * upscale ** 2, 3)
@@ -88,7 +89,7 @@ def espcn(*, rngs, dtype=jnp.float32, channels=1, upscale=3, n1=64, n2=32):
 
 
 def conv3(cin, cout, *, rngs, dtype):
-  return nnx.Conv(cin, cout, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
+  return Conv(cin, cout, (3, 3), padding='SAME', dtype=dtype, rngs=rngs)
 
 
 class ResBlock(nnx.Module):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.layers import Conv
 from cnnjax.models.registry import register
 
 
@@ -39,7 +40,7 @@ class KimCNN(nnx.Module):
   def __init__(self, vocab_size, num_classes, embed_dim, widths, maps, *, rngs, dtype):
     self.widths, self.dtype = tuple(widths), dtype
     self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, rngs=rngs)
-    self.convs = nnx.List([nnx.Conv(embed_dim, maps, (w,), padding='VALID', dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([Conv(embed_dim, maps, (w,), padding='VALID', dtype=dtype, rngs=rngs)
                            for w in widths])
     self.head = nnx.Linear(maps * len(widths), num_classes, dtype=dtype, rngs=rngs)
 
@@ -66,7 +67,7 @@ class CharCNN(nnx.Module):
 
   def __init__(self, length, alphabet, num_classes, features, hidden, *, rngs, dtype):
     self.length, self.alphabet, self.dtype = length, alphabet, dtype
-    self.convs = nnx.List([nnx.Conv(alphabet if i == 0 else features, features, (k,), padding='VALID',
+    self.convs = nnx.List([Conv(alphabet if i == 0 else features, features, (k,), padding='VALID',
                                     dtype=dtype, rngs=rngs) for i, k in enumerate(self.KERNELS)])
     n = length
     for k, pooled in zip(self.KERNELS, self.POOLED):

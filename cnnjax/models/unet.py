@@ -21,7 +21,7 @@ are the encoder levels and `head` the final 1x1 classifier; `decoder` trains onl
 import jax.numpy as jnp
 from flax import nnx
 
-from cnnjax.models.layers import BatchNorm
+from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import register
 
 
@@ -36,7 +36,7 @@ class DoubleConv(nnx.Module):
   """Two 3x3 ('same') convolutions, each followed by (batch norm and) ReLU."""
 
   def __init__(self, cin, mid, cout, nd, norm, *, rngs, dtype):
-    self.convs = nnx.List([nnx.Conv(a, b, (3,) * nd, padding=1, use_bias=not norm, dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([Conv(a, b, (3,) * nd, padding=1, use_bias=not norm, dtype=dtype, rngs=rngs)
                            for a, b in ((cin, mid), (mid, cout))])
     self.norms = nnx.List([BatchNorm(c, dtype=dtype, rngs=rngs) for c in (mid, cout)]
                           if norm else [])
@@ -97,7 +97,7 @@ class UNet(nnx.Module):
       ups.append(Up(cin, cin // 2 if halve_up else cin, skip, nd, norm, rngs=rngs, dtype=dtype))
       cin = skip
     self.decoder = nnx.List(ups)
-    self.head = nnx.Conv(cin, num_classes, (1,) * nd, dtype=dtype, rngs=rngs)
+    self.head = Conv(cin, num_classes, (1,) * nd, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     factor = 2 ** len(self.decoder)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnnjax.models.alexnet import DenseStage
-from cnnjax.models.layers import BatchNorm
+from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import Classifier, check_images, max_pool2, register
 
 # Table 1: the number of 3x3 convolutions in each of the five stages
@@ -25,7 +25,7 @@ class ConvStage(nnx.Module):
   """3x3 conv (-> batch norm) -> ReLU layers, then 2x2/2 max pooling."""
 
   def __init__(self, cin, cout, layers, batch_norm, *, rngs, dtype):
-    self.convs = nnx.List([nnx.Conv(cin if i == 0 else cout, cout, (3, 3), padding=1, dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([Conv(cin if i == 0 else cout, cout, (3, 3), padding=1, dtype=dtype, rngs=rngs)
                            for i in range(layers)])
     self.norms = nnx.List([BatchNorm(cout, dtype=dtype, rngs=rngs) for _ in range(layers)]
                           if batch_norm else [])
