@@ -33,7 +33,8 @@ from jax import lax
 from cnnjax.ops import native
 
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
-FORWARD, BACKWARD = 'cnnjax_conv_forward', 'cnnjax_conv_backward'
+TARGETS = {'cnnjax_conv_forward': 'ConvForward', 'cnnjax_conv_input_grad': 'ConvInputGrad',
+           'cnnjax_conv_weight_grad': 'ConvWeightGrad'}  # custom-call target: handler symbol
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 INSTALL_HINT = 'onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 (in pyproject.toml on Linux x86-64)'
 
@@ -65,8 +66,8 @@ def library_loaded():
     warnings.warn(f'cnnjax: oneDNN convolutions unavailable, XLA runs them (slower on CPU): {error}',
                   RuntimeWarning, stacklevel=2)
     return False
-  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.ConvForward), platform='cpu')
-  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.ConvBackward), platform='cpu')
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
   return True
 
 
@@ -107,46 +108,48 @@ def on_onednn(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, ba
           and jax.default_backend() == 'cpu' and jax.device_count() == 1 and library_loaded())
 
 
-def _call(target, outputs, *operands, geometry):
-  return jax.ffi.ffi_call(target, outputs, vmap_method='broadcast_all')(*operands, **geometry.attributes())
+def _call(target, like, *operands, geometry):
+  out = jax.ShapeDtypeStruct(like.shape, like.dtype)
+  return jax.ffi.ffi_call(target, out, vmap_method='broadcast_all')(*operands, **geometry.attributes())
 
+
+# The convolution y = F(x, w) is bilinear; its VJP at cotangent g is (Fx(g, w), Fw(x, g)), the input and
+# weight gradients, defined by <g, F(a, w)> = <Fx(g, w), a> and <g, F(x, b)> = <Fw(x, g), b>. Those are
+# bilinear too, with VJPs made of F, Fx and Fw again: gradients of any order stay on oneDNN.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x, w, geometry):
-  """y = F(x, w), the convolution."""
+  """F(x, w)."""
   out = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, geometry.strides, geometry.padding,
                                                              rhs_dilation=geometry.dilation,
                                                              dimension_numbers=NHWC), x, w)
-  return _call(FORWARD, out, x, w, geometry=geometry)
+  return _call('cnnjax_conv_forward', out, x, w, geometry=geometry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv_backward(x, w, g, geometry):
-  """(dx, dw) = (Bx(g, w), Bw(x, g)), F's VJP at cotangent g: <g, F(a, w)> = <Bx(g, w), a> and
-  <g, F(x, b)> = <Bw(x, g), b>."""
-  return _call(BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype)),
-               x, w, g, geometry=geometry)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def input_grad(g, w, x_like, geometry):
+  """Fx(g, w), shaped like x (`x_like`: a ShapeDtypeStruct)."""
+  return _call('cnnjax_conv_input_grad', x_like, g, w, geometry=geometry)
 
 
-def _conv_fwd(x, w, geometry):
-  return conv(x, w, geometry), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def weight_grad(x, g, w_like, geometry):
+  """Fw(x, g), shaped like w."""
+  return _call('cnnjax_conv_weight_grad', w_like, x, g, geometry=geometry)
 
 
-def _conv_bwd(geometry, residuals, g):
-  return conv_backward(*residuals, g, geometry)
+def like(array):
+  return jax.ShapeDtypeStruct(array.shape, array.dtype)
 
 
-def _backward_fwd(x, w, g, geometry):
-  return conv_backward(x, w, g, geometry), (x, w, g)
-
-
-def _backward_bwd(geometry, residuals, cotangents):
-  # <dx, a> + <dw, b> = <g, F(a, w)> + <g, F(x, b)>: its gradients in x, w and g.
-  x, w, g = residuals
-  a, b = cotangents
-  x_bar, w_bar = conv_backward(a, b, g, geometry)  # Bx(g, b), Bw(a, g)
-  return x_bar, w_bar, conv(a, w, geometry) + conv(x, b, geometry)
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
-conv_backward.defvjp(_backward_fwd, _backward_bwd)
+conv.defvjp(lambda x, w, geometry: (conv(x, w, geometry), (x, w)),
+            lambda geometry, res, g: (input_grad(g, res[1], like(res[0]), geometry),
+                                      weight_grad(res[0], g, like(res[1]), geometry)))
+# <Fx(g, w), a> = <g, F(a, w)>: in g, F(a, w); in w, Fw(a, g).
+input_grad.defvjp(lambda g, w, x_like, geometry: (input_grad(g, w, x_like, geometry), (g, w)),
+                  lambda x_like, geometry, res, a: (conv(a, res[1], geometry),
+                                                    weight_grad(a, res[0], like(res[1]), geometry)))
+# <Fw(x, g), b> = <g, F(x, b)>: in x, Fx(g, b); in g, F(x, b).
+weight_grad.defvjp(lambda x, g, w_like, geometry: (weight_grad(x, g, w_like, geometry), (x, g)),
+                   lambda w_like, geometry, res, b: (input_grad(res[1], b, like(res[0]), geometry),
+                                                     conv(res[0], b, geometry)))

@@ -1,9 +1,11 @@
 // 2-D convolutions on oneDNN for XLA:CPU, as XLA FFI custom calls (cnnjax/ops/conv.py builds and calls them).
 //
-// Activations are NHWC and kernels HWIO (XLA's layouts), float32. cnnjax_conv_forward computes y from x and w;
-// cnnjax_conv_backward computes dx and dw from x, w and dy. Dimensions before N, H, W, C are independent
+// Activations are NHWC and kernels HWIO (XLA's layouts), float32. cnnjax_conv_forward computes y from x and w,
+// cnnjax_conv_input_grad dx from dy and w, cnnjax_conv_weight_grad dw from x and dy: three calls, so that XLA
+// drops the input gradient nobody reads (the first layer's). Dimensions before N, H, W, C are independent
 // problems (vmap), run one after another. Each shape gets its primitives once (oneDNN compiles kernels for
 // them) and keeps them; arguments whose layout oneDNN wants blocked are reordered into per-thread buffers.
+// One call runs at a time, on all cores (OpenMP): XLA may start two at once on its own threads.
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -127,11 +129,13 @@ void* Buffer(size_t slot, size_t bytes) {
 }
 
 // Runs `plan` on XLA's buffers (inputs, then the output), `problems` times over consecutive slices.
-void Run(const Plan& plan, const std::vector<void*>& data, int64_t problems, size_t first_slot) {
+void Run(const Plan& plan, const std::vector<void*>& data, int64_t problems) {
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
   auto& engine = Engine();
   dnnl::stream stream(engine);
   const size_t n = plan.args.size(), out = n - 1;
-  size_t slot = first_slot;
+  size_t slot = 0;
   memory scratchpad(plan.scratchpad, engine, Buffer(slot++, plan.scratchpad.get_size() + 1));
   std::vector<memory> inner;
   for (size_t k = 0; k < n; ++k)
@@ -175,36 +179,40 @@ ffi::Error Guarded(F run) {
   return ffi::Error::Success();
 }
 
-ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Ints strides,
-                           Ints lo, Ints hi, Ints dilation) {
+// x, y, w: the dimensions of the activations, the convolution's output and the kernel, wherever they come from.
+ffi::Error RunKind(Kind kind, Ints x, Ints y, Ints w, std::vector<void*> data, Ints strides, Ints lo, Ints hi,
+                   Ints dilation) {
   Shape s;
   int64_t problems;
-  if (auto e = Describe(x.dimensions(), y->dimensions(), w.dimensions(), strides, lo, hi, dilation, &s, &problems);
-      e.failure())
-    return e;
-  return Guarded([&] { Run(GetPlan(kForward, s), {x.untyped_data(), w.untyped_data(), y->untyped_data()}, problems, 0); });
+  if (auto e = Describe(x, y, w, strides, lo, hi, dilation, &s, &problems); e.failure()) return e;
+  return Guarded([&] { Run(GetPlan(kind, s), data, problems); });
 }
 
-ffi::Error ConvBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                            ffi::Result<ffi::AnyBuffer> dw, Ints strides, Ints lo, Ints hi, Ints dilation) {
-  Shape s;
-  int64_t problems;
-  if (auto e = Describe(x.dimensions(), dy.dimensions(), w.dimensions(), strides, lo, hi, dilation, &s, &problems);
-      e.failure())
-    return e;
-  return Guarded([&] {
-    Run(GetPlan(kBackwardData, s), {dy.untyped_data(), w.untyped_data(), dx->untyped_data()}, problems, 0);
-    Run(GetPlan(kBackwardWeights, s), {x.untyped_data(), dy.untyped_data(), dw->untyped_data()}, problems, 4);
-  });
+ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Ints strides,
+                           Ints lo, Ints hi, Ints dilation) {
+  return RunKind(kForward, x.dimensions(), y->dimensions(), w.dimensions(),
+                 {x.untyped_data(), w.untyped_data(), y->untyped_data()}, strides, lo, hi, dilation);
+}
+
+ffi::Error ConvInputGradImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, Ints strides,
+                             Ints lo, Ints hi, Ints dilation) {
+  return RunKind(kBackwardData, dx->dimensions(), dy.dimensions(), w.dimensions(),
+                 {dy.untyped_data(), w.untyped_data(), dx->untyped_data()}, strides, lo, hi, dilation);
+}
+
+ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, Ints strides,
+                              Ints lo, Ints hi, Ints dilation) {
+  return RunKind(kBackwardWeights, x.dimensions(), dy.dimensions(), dw->dimensions(),
+                 {x.untyped_data(), dy.untyped_data(), dw->untyped_data()}, strides, lo, hi, dilation);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
-    ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-        .Attr<Ints>("strides").Attr<Ints>("pad_lo").Attr<Ints>("pad_hi").Attr<Ints>("dilation"));
+#define CNNJAX_CONV_HANDLER(name, impl)                                                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                                           \
+      ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()                 \
+          .Attr<Ints>("strides").Attr<Ints>("pad_lo").Attr<Ints>("pad_hi").Attr<Ints>("dilation"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackward, ConvBackwardImpl,
-    ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-        .Attr<Ints>("strides").Attr<Ints>("pad_lo").Attr<Ints>("pad_hi").Attr<Ints>("dilation"));
+CNNJAX_CONV_HANDLER(ConvForward, ConvForwardImpl)
+CNNJAX_CONV_HANDLER(ConvInputGrad, ConvInputGradImpl)
+CNNJAX_CONV_HANDLER(ConvWeightGrad, ConvWeightGradImpl)
