@@ -70,7 +70,8 @@ def member_mode(mode):
   idle; on one CPU device, one compiled member program called from a thread per member, since
   XLA:CPU runs a small convolutional step on little more than one core (jaxlib 0.10.2, 2 cores,
   digit CNN at batch 128: 5 members on threads take 0.84 of the sequential time, where vmapped
-  convolutions become slow grouped convolutions and unrolling costs about M times the compile);
+  convolutions become slow grouped convolutions and unrolling costs about M times the compile;
+  with oneDNN's convolutions, cnnjax/ops, which use every core, all modes are at par);
   on several CPU devices, sequential calls (each program already spans every device)."""
   if mode != 'auto':
     return mode
