@@ -1,6 +1,8 @@
 """cnnjax.ops: oneDNN's 2-D convolutions against XLA's (values, gradients of first and second order,
 vmapped members), what stays on XLA, the switch per model, and a library that cannot be built."""
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,23 @@ def test_vmapped_members_equal_one_by_one():
   grad = jax.grad(loss(ops.conv_general_dilated, (1, 1), 'SAME', (1, 1)), (0, 1))
   together = jax.jit(jax.vmap(grad))(jnp.stack(xs), jnp.stack(ws))
   close(together, jax.tree.map(lambda *g: jnp.stack(g), *[jax.jit(grad)(x, w) for x, w in zip(xs, ws)]), tol=1e-6)
+
+
+def test_calls_on_one_thread_each_at_once_equal_calls_on_all_cores():
+  """threads_per_call(1): the three custom calls carry threads = 1 and, run from 4 threads at once
+  (as ensemble members on threads are), give the gradients of one call at a time on all cores."""
+  args = [inputs(4, 16, 8, 8, 3, seed) for seed in range(4)]
+  grad = jax.grad(loss(ops.conv_general_dilated, (2, 2), 'SAME', (1, 1)), (0, 1))
+
+  def one_thread(x, w):
+    with ops.threads_per_call(1):
+      return grad(x, w)
+  one_thread = jax.jit(one_thread)
+  assert jax.jit(grad).lower(*args[0]).as_text().count('threads = 0 : i64') == 3
+  assert one_thread.lower(*args[0]).as_text().count('threads = 1 : i64') == 3
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    at_once = list(pool.map(lambda a: jax.block_until_ready(one_thread(*a)), args))
+  close(at_once, [jax.jit(grad)(*a) for a in args], tol=1e-6)
 
 
 @pytest.mark.parametrize('case', ['grouped', 'bfloat16', '1-D', 'transposed'])

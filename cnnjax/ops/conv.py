@@ -14,7 +14,9 @@ made of the others. Where the library cannot be built (no compiler, no oneDNN wh
 says why once and XLA runs every convolution.
 
 `CNNJAX_ONEDNN=0` turns oneDNN off for a process; `xla_convolutions()` for the models built inside
-it (cnnjax.models.layers.Conv picks the function when it is constructed). README: Benchmark.
+it (cnnjax.models.layers.Conv picks the function when it is constructed). A convolution runs on all
+cores, one at a time; traced inside `threads_per_call(n)`, on n threads, beside other such calls
+(ensemble members trained on threads of their own: cnnjax/train/steps.py). README: Benchmark.
 """
 
 import contextlib
@@ -55,6 +57,18 @@ def xla_convolutions():
     yield
   finally:
     _state.enabled = before
+
+
+@contextlib.contextmanager
+def threads_per_call(threads):
+  """oneDNN convolutions traced inside run on `threads` OpenMP threads each (0: all cores, one call at
+  a time), so that calls from several threads at once share the cores instead of taking turns."""
+  before = getattr(_state, 'threads', 0)
+  _state.threads = threads
+  try:
+    yield
+  finally:
+    _state.threads = before
 
 
 @functools.cache
@@ -110,7 +124,8 @@ def on_onednn(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, ba
 
 def _call(target, like, *operands, geometry):
   out = jax.ShapeDtypeStruct(like.shape, like.dtype)
-  return jax.ffi.ffi_call(target, out, vmap_method='broadcast_all')(*operands, **geometry.attributes())
+  return jax.ffi.ffi_call(target, out, vmap_method='broadcast_all')(
+      *operands, **geometry.attributes(), threads=np.int64(getattr(_state, 'threads', 0)))
 
 
 # The convolution y = F(x, w) is bilinear; its VJP at cotangent g is (Fx(g, w), Fw(x, g)), the input and

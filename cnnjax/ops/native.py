@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import jaxlib
 
-FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC', '-w')
+FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w')
 
 
 class BuildError(RuntimeError):

@@ -5,7 +5,9 @@
 // drops the input gradient nobody reads (the first layer's). Dimensions before N, H, W, C are independent
 // problems (vmap), run one after another. Each shape gets its primitives once (oneDNN compiles kernels for
 // them) and keeps them; arguments whose layout oneDNN wants blocked are reordered into per-thread buffers.
-// One call runs at a time, on all cores (OpenMP): XLA may start two at once on its own threads.
+// A call with `threads` = 0 runs on all cores (OpenMP), one such call at a time (XLA may start two at once on its
+// own threads); one with `threads` = n > 0 runs on n OpenMP threads, beside any other such call (members of an
+// ensemble trained on one thread each, cnnjax/train/steps.py).
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -13,6 +15,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -102,11 +106,13 @@ std::unique_ptr<Plan> BackwardWeightsPlan(const Shape& s) {  // x, dy -> dw
 
 enum Kind { kForward, kBackwardData, kBackwardWeights };
 
+// The plan for `kind` and `s` on as many threads as OpenMP gives the calling thread now.
 const Plan& GetPlan(Kind kind, const Shape& s) {
   static std::mutex mu;
   static std::map<std::vector<int64_t>, std::unique_ptr<Plan>> plans;
   auto key = s.Key();
   key.push_back(kind);
+  key.push_back(omp_get_max_threads());
   std::lock_guard<std::mutex> lock(mu);
   auto& plan = plans[key];
   if (!plan) plan = kind == kForward ? ForwardPlan(s) : kind == kBackwardData ? BackwardDataPlan(s) : BackwardWeightsPlan(s);
@@ -130,8 +136,6 @@ void* Buffer(size_t slot, size_t bytes) {
 
 // Runs `plan` on XLA's buffers (inputs, then the output), `problems` times over consecutive slices.
 void Run(const Plan& plan, const std::vector<void*>& data, int64_t problems) {
-  static std::mutex one_at_a_time;
-  std::lock_guard<std::mutex> lock(one_at_a_time);
   auto& engine = Engine();
   dnnl::stream stream(engine);
   const size_t n = plan.args.size(), out = n - 1;
@@ -181,29 +185,38 @@ ffi::Error Guarded(F run) {
 
 // x, y, w: the dimensions of the activations, the convolution's output and the kernel, wherever they come from.
 ffi::Error RunKind(Kind kind, Ints x, Ints y, Ints w, std::vector<void*> data, Ints strides, Ints lo, Ints hi,
-                   Ints dilation) {
+                   Ints dilation, int64_t threads) {
   Shape s;
   int64_t problems;
   if (auto e = Describe(x, y, w, strides, lo, hi, dilation, &s, &problems); e.failure()) return e;
+  if (threads > 0) {  // this thread's OpenMP thread count for the call, then back to what it was
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(static_cast<int>(threads));
+    auto e = Guarded([&] { Run(GetPlan(kind, s), data, problems); });
+    omp_set_num_threads(before);
+    return e;
+  }
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
   return Guarded([&] { Run(GetPlan(kind, s), data, problems); });
 }
 
 ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Ints strides,
-                           Ints lo, Ints hi, Ints dilation) {
+                           Ints lo, Ints hi, Ints dilation, int64_t threads) {
   return RunKind(kForward, x.dimensions(), y->dimensions(), w.dimensions(),
-                 {x.untyped_data(), w.untyped_data(), y->untyped_data()}, strides, lo, hi, dilation);
+                 {x.untyped_data(), w.untyped_data(), y->untyped_data()}, strides, lo, hi, dilation, threads);
 }
 
 ffi::Error ConvInputGradImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, Ints strides,
-                             Ints lo, Ints hi, Ints dilation) {
+                             Ints lo, Ints hi, Ints dilation, int64_t threads) {
   return RunKind(kBackwardData, dx->dimensions(), dy.dimensions(), w.dimensions(),
-                 {dy.untyped_data(), w.untyped_data(), dx->untyped_data()}, strides, lo, hi, dilation);
+                 {dy.untyped_data(), w.untyped_data(), dx->untyped_data()}, strides, lo, hi, dilation, threads);
 }
 
 ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, Ints strides,
-                              Ints lo, Ints hi, Ints dilation) {
+                              Ints lo, Ints hi, Ints dilation, int64_t threads) {
   return RunKind(kBackwardWeights, x.dimensions(), dy.dimensions(), dw->dimensions(),
-                 {x.untyped_data(), dy.untyped_data(), dw->untyped_data()}, strides, lo, hi, dilation);
+                 {x.untyped_data(), dy.untyped_data(), dw->untyped_data()}, strides, lo, hi, dilation, threads);
 }
 
 }  // namespace
@@ -211,7 +224,8 @@ ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<f
 #define CNNJAX_CONV_HANDLER(name, impl)                                                                \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                                           \
       ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()                 \
-          .Attr<Ints>("strides").Attr<Ints>("pad_lo").Attr<Ints>("pad_hi").Attr<Ints>("dilation"));
+          .Attr<Ints>("strides").Attr<Ints>("pad_lo").Attr<Ints>("pad_hi").Attr<Ints>("dilation")      \
+          .Attr<int64_t>("threads"));
 
 CNNJAX_CONV_HANDLER(ConvForward, ConvForwardImpl)
 CNNJAX_CONV_HANDLER(ConvInputGrad, ConvInputGradImpl)

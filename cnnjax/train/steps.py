@@ -10,12 +10,15 @@ seeds (or ensemble members) of one table cell in one program.
 """
 
 import concurrent.futures
+import os
 import threading
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from cnnjax import ops
 
 MEMBER_MODES = ('auto', 'vmap', 'unroll', 'sequential', 'threads')
 
@@ -67,17 +70,22 @@ def make_chunk(step, batch_fn, k, unroll=None):
 
 def member_mode(mode):
   """The side-by-side path for 'auto': vmap on GPU/TPU, where one small model leaves the chip
-  idle; on one CPU device, one compiled member program called from a thread per member, since
-  XLA:CPU runs a small convolutional step on little more than one core (jaxlib 0.10.2, 2 cores,
-  digit CNN at batch 128: 5 members on threads take 0.84 of the sequential time, where vmapped
-  convolutions become slow grouped convolutions and unrolling costs about M times the compile;
-  with oneDNN's convolutions, cnnjax/ops, which use every core, all modes are at par);
-  on several CPU devices, sequential calls (each program already spans every device)."""
+  idle; on one CPU device, one compiled member program called from a thread per member, each
+  member's oneDNN convolutions (cnnjax/ops) on its share of the cores, so that the members' steps,
+  XLA's single-threaded ops included, fill the cores (2 cores, digit CNN at batch 128: 5 members
+  on threads take 0.82-0.87 of the sequential time, vmapped 0.79-0.91, unrolled 0.94, and
+  unrolling costs about M times the compile); on several CPU devices, sequential calls (each
+  program already spans every device)."""
   if mode != 'auto':
     return mode
   if jax.default_backend() != 'cpu':
     return 'vmap'
   return 'threads' if jax.device_count() == 1 else 'sequential'
+
+
+def cores():
+  """The CPU cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def _signature(tree):
@@ -94,7 +102,8 @@ def over_members(fn, mode, donate=True, source_axes=0):
   dataset and gives each seed its own subset. 'vmap' and 'unroll' compile all members into
   one program; 'sequential' calls one compiled member program per member, and 'threads' makes
   those calls from one thread per member, so that members run at the same time on the CPU
-  cores. All four give the same numbers.
+  cores, each convolution on the member's share of them (`ops.threads_per_call`). All four give
+  the same numbers.
   """
   mode = member_mode(mode)
   if mode not in MEMBER_MODES[1:]:
@@ -118,7 +127,14 @@ def over_members(fn, mode, donate=True, source_axes=0):
   # Sequential and threads: one compiled program for every member, which picks its member inside
   # (the index is traced), and one that stacks their outputs; slicing and stacking with eager ops
   # around them cost more than the training itself for small models (a per-leaf dispatch each).
-  one = jax.jit(lambda states, source, m: fn(member(states, m), member(source, m, source_axes)))
+  def member_program(threads=0):
+    """The member program with oneDNN convolutions on `threads` threads each (0: all cores)."""
+    def program(states, source, m):
+      with ops.threads_per_call(threads):
+        return fn(member(states, m), member(source, m, source_axes))
+    return jax.jit(program)
+
+  one = member_program()
   stack_outputs = jax.jit(stack)
 
   def sequential(states, source):
@@ -127,19 +143,22 @@ def over_members(fn, mode, donate=True, source_axes=0):
 
   if mode == 'sequential':
     return sequential
-  compiled, lock = set(), threading.Lock()
+  programs, compiled, lock = {}, set(), threading.Lock()
 
   def threads(states, source):
-    signature = _signature((states, source))
+    members = jax.tree.leaves(states)[0].shape[0]
+    # The cores shared out among the members: each convolution runs on its member's share.
+    share = max(1, cores() // members) if members > 1 else 0
+    signature = (share, _signature((states, source)))
     with lock:
+      program = programs.setdefault(share, member_program(share) if share else one)
       warm = signature in compiled
     if not warm:  # the first call of a signature compiles once, then runs its members in turn
-      outputs = sequential(states, source)
+      outputs = stack_outputs([program(states, source, m) for m in range(members)])
       with lock:
         compiled.add(signature)
       return outputs
-    members = jax.tree.leaves(states)[0].shape[0]
-    run = lambda m: jax.block_until_ready(one(states, source, m))
+    run = lambda m: jax.block_until_ready(program(states, source, m))
     with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix='member') as pool:
       return stack_outputs(list(pool.map(run, range(members))))
 
