@@ -103,7 +103,7 @@ def over_members(fn, mode, donate=True, source_axes=0):
   one program; 'sequential' calls one compiled member program per member, and 'threads' makes
   those calls from one thread per member, so that members run at the same time on the CPU
   cores, each convolution on the member's share of them (`ops.threads_per_call`). All four give
-  the same numbers.
+  the same numbers up to float rounding.
   """
   mode = member_mode(mode)
   if mode not in MEMBER_MODES[1:]:
