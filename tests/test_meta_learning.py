@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax import ops
 from cnnjax.data import episodes as ep
 from cnnjax.errors import ConfigError, DataError
 from cnnjax.methods import meta_learning as ml
@@ -185,3 +186,11 @@ def test_stroke_paths_parse_absolute_relative_and_smooth_curves():
   assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and image.max() > 100
   again = kb.draw([segments], np.random.default_rng(0))
   np.testing.assert_array_equal(image, again)
+
+
+def test_auto_task_mode_vmaps_unless_xla_runs_the_cpu_convolutions():
+  expected = 'vmap' if jax.default_backend() != 'cpu' or ops.onednn_available() else 'loop'
+  assert ml.task_mode('auto') == expected
+  with ops.xla_convolutions():
+    assert ml.task_mode('auto') == ('loop' if jax.default_backend() == 'cpu' else 'vmap')
+  assert ml.task_mode('loop') == 'loop'

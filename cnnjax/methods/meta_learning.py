@@ -18,9 +18,10 @@ Inner loops are unrolled Python loops of a few steps: a rolled `fori_loop` aroun
 gradients runs ~10x slower on XLA:CPU. Models arrive as a functional `apply(params, rest, x)`
 (`functional`) whose batch norm always normalises with the statistics of the batch it is given
 (transductive, as in MAML's and Reptile's reference code), so adapted parameters need no running
-statistics. Tasks of a meta-batch run side by side with `jax.vmap` ('vmap', for accelerators) or
-as an unrolled loop in one program ('loop', faster on CPU, where vmapped per-task convolution
-weights become slow grouped convolutions); both give the same numbers (`over_tasks`).
+statistics. Tasks of a meta-batch run side by side with `jax.vmap` ('vmap') or as an unrolled
+loop in one program ('loop', faster where XLA runs the convolutions on CPU: vmapped per-task
+convolution weights become slow grouped convolutions there, not on oneDNN); both give the same
+numbers up to float rounding (`over_tasks`).
 """
 
 import jax
@@ -28,14 +29,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cnnjax import ops
+
 TASK_MODES = ('auto', 'vmap', 'loop')
 
 
 def task_mode(mode):
-  """'auto' -> 'loop' on CPU, 'vmap' elsewhere."""
+  """'auto' -> 'vmap', except where XLA runs the convolutions on CPU (several devices, oneDNN off
+  or not built): vmapped per-task weights become grouped convolutions there, slower than a loop.
+  On oneDNN (cnnjax/ops) the vmapped tasks' convolutions are one call each: the default preset's
+  MAML meta-trains in 13.8 instead of 20.3 s, the whole run takes 104 instead of 125 s."""
   if mode != 'auto':
     return mode
-  return 'loop' if jax.default_backend() == 'cpu' else 'vmap'
+  on_xla_cpu = jax.default_backend() == 'cpu' and not (ops.onednn_enabled() and ops.onednn_available())
+  return 'loop' if on_xla_cpu else 'vmap'
 
 
 def over_tasks(fn, tasks, mode):

@@ -118,8 +118,12 @@ def on_onednn(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, ba
           and preferred_element_type in (None, jnp.float32)
           and feature_group_count == batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or ()))
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-          and jax.default_backend() == 'cpu' and jax.device_count() == 1 and library_loaded())
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC) and onednn_available())
+
+
+def onednn_available():
+  """Whether oneDNN can run convolutions here: one CPU device, and the library built."""
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and library_loaded()
 
 
 def _call(target, like, *operands, geometry):
