@@ -284,15 +284,11 @@ def torch_version():
 
 COMPILE_SCRIPT = textwrap.dedent('''
     import json, sys, time
-    import jax
-    jax.config.update('jax_compilation_cache_dir', sys.argv[1])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
     import ml_collections
-    from experiments import benchmark
-    from cnnjax.train import sharding
+    from experiments import benchmark, runner
     config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
-    bench = benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn')
+    config.compile_cache = sys.argv[1]
+    bench = benchmark.Bench(config, runner.setup(config, validate=lambda config: None), 'digit_cnn')
     state = bench.states()
     started = time.perf_counter()
     bench.chunk(config.chunk_steps).lower(state, bench.source).compile()
@@ -301,7 +297,8 @@ COMPILE_SCRIPT = textwrap.dedent('''
 
 
 def compile_seconds(config, cache_dir):
-  """Seconds to compile the digit-CNN chunk in a fresh process with the persistent cache at `cache_dir`."""
+  """Seconds to compile the digit-CNN chunk in a fresh process, set up as an experiment's
+  (`runner.setup`), with the persistent cache at `cache_dir`."""
   done = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT, str(cache_dir), json.dumps(config.to_dict())],
                         cwd=REPO, capture_output=True, text=True, timeout=900)
   if done.returncode:

@@ -10,6 +10,7 @@ their last checkpoint (DomainBed-style sweeps).
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import json
 import os
 import re
@@ -194,6 +195,11 @@ def setup(config, validate):
                           ('jax_persistent_cache_min_entry_size_bytes', 0)):
       if option.upper() not in os.environ:  # JAX's own environment variables win
         jax.config.update(option, value)
+  # What is alive now (modules, JAX, Flax, TFDS) lives as long as the process: the cyclic garbage
+  # collector skips it from here on instead of walking it on every full collection, which halves
+  # lowering (digit CNN, 10-step chunk: 0.24-0.28 -> 0.11-0.13 s).
+  gc.collect()
+  gc.freeze()
   return sharding.make_mesh()
 
 

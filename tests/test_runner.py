@@ -1,6 +1,7 @@
 """The experiment runner: a grid of cells runs each cell once, records failures and goes on,
 reruns unfinished cells, and resumes a cell's training from its last checkpoint."""
 
+import gc
 import json
 from pathlib import Path
 
@@ -209,6 +210,20 @@ def test_two_runs_into_one_workdir_share_the_cells(tmp_path):
     thread.join()
   assert sorted(computed) == list(range(6))
   assert outputs[0] == outputs[1] == {cell: {'accuracy': [float(cell.config['i'])]} for cell in cells}
+
+
+def test_setup_hides_what_is_alive_from_the_garbage_collector():
+  """Objects alive at set-up (modules, JAX, Flax) are frozen: full collections skip them."""
+  config = cfg.base_config('unit', 'smoke')
+  config.compile_cache = ''
+  alive = [1.0]
+  try:
+    runner.setup(config, lambda config: None)
+    assert gc.get_freeze_count() > 0
+    assert not any(o is alive for o in gc.get_objects())
+  finally:
+    gc.unfreeze()
+  assert any(o is alive for o in gc.get_objects())
 
 
 def test_setup_keeps_small_programs_in_the_compile_cache(tmp_path):
