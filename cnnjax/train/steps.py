@@ -73,7 +73,7 @@ def member_mode(mode):
   idle; on one CPU device, one compiled member program called from a thread per member, each
   member's oneDNN convolutions (cnnjax/ops) on its share of the cores, so that the members' steps,
   XLA's single-threaded ops included, fill the cores (2 cores, digit CNN at batch 128: 5 members
-  on threads take 0.82-0.87 of the sequential time, vmapped 0.79-0.91, unrolled 0.94, and
+  on threads take 0.82-0.91 of the sequential time, vmapped 0.79-0.91, unrolled 0.89-0.99, and
   unrolling costs about M times the compile); on several CPU devices, sequential calls (each
   program already spans every device)."""
   if mode != 'auto':
