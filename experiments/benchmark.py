@@ -42,6 +42,9 @@ SMALL_MODELS = ('digit_cnn', 'conv4')  # `throughput_chunk_steps` steps per call
 # cnnjax hands XLA:CPU's reductions to YNNPACK (cnnjax/__init__.py); for one program, this gives
 # them back to XLA's own loops (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= for a process).
 XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
+# Rows of the convolutions cnnjax did not pick, by whether it picked oneDNN's (cnnjax/ops/conv.py).
+OTHER_CONVOLUTIONS = {True: ('cnnjax, XLA convolutions', ops.xla_convolutions),
+                      False: ('cnnjax, oneDNN convolutions', ops.onednn_convolutions)}
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +68,7 @@ def validate(config):
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'bf16', 'xla_reductions', 'xla_convolutions'):
+  for key in ('torch', 'compile', 'bf16', 'xla_reductions', 'other_convolutions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
   if config.profile_dir:
@@ -125,7 +128,7 @@ def profile(call, state, directory, top=8):
 class Bench:
   """Synthetic device-resident data and the train step of one model, as the experiments build it."""
 
-  def __init__(self, config, mesh, name, dtype='float32', xla_convolutions=False):
+  def __init__(self, config, mesh, name, dtype='float32', convolutions=contextlib.nullcontext):
     self.config, self.mesh, self.name = config, mesh, name
     size, channels = INPUTS[name]
     self.batch_size = config.batch_sizes[name]
@@ -133,9 +136,9 @@ class Bench:
     split = {'image': rng.integers(0, 256, (config.split_size, size, size, channels), dtype=np.uint8),
              'label': rng.integers(0, NUM_CLASSES, config.split_size).astype(np.int32)}
     self.source = sharding.replicate({'split': split}, mesh)
-    convolutions = ops.xla_convolutions if xla_convolutions else contextlib.nullcontext
 
-    def build(seed):  # the model's convolutions are chosen when it is built (cnnjax/ops/conv.py)
+    def build(seed):  # the model's convolutions are chosen when it is built (cnnjax/ops/conv.py):
+      # inside `convolutions()` (ops.xla_convolutions, ops.onednn_convolutions; default: cnnjax's choice)
       with convolutions():
         return models.build(name, num_classes=NUM_CLASSES, seed=seed, channels=channels, dtype=dtype)
     self.build = build
@@ -172,7 +175,7 @@ class Bench:
     """Flops of one call of the jitted `fn` from XLA's cost analysis of the program before
     optimization (0 when it has none): the compiled program's analysis misses the convolutions
     that XLA:GPU hands to cuDNN (on an H200 it counted ~1/57 of ResNet-50's). Custom calls count
-    nothing: on CPU, count a Bench built with `xla_convolutions` (oneDNN's are custom calls)."""
+    nothing: on CPU, count a Bench built with `ops.xla_convolutions` (oneDNN's are custom calls)."""
     try:
       analysis = fn.lower(state, self.source).cost_analysis()
       analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
@@ -362,15 +365,19 @@ class Benchmark:
       import torch
       self.notes.append(f'PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, '
                         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
+    if jax.default_backend() == 'cpu':
+      self.notes.append(f"The cnnjax rows run {'oneDNN' if ops.onednn_enabled() else 'XLA'}'s convolutions (oneDNN has "
+                        f"{'' if ops.onednn_faster() else 'no '}direct NHWC kernels on this CPU: cnnjax/ops/conv.py).")
     for name in c.models:
       print(f'[throughput] {name}', flush=True)
       bench, k, cpu = Bench(c, self.exp.mesh, name), chunk_steps_for(c, name), jax.default_backend() == 'cpu'
       programs = {'cnnjax': (bench, bench.chunk(k))}  # label: (bench, jitted chunk)
       if c.xla_reductions and cpu:
         programs['cnnjax, XLA reductions'] = bench, bench.chunk(k, XLA_REDUCTIONS)
-      if c.xla_convolutions and cpu:
-        xla = Bench(c, self.exp.mesh, name, xla_convolutions=True)
-        programs['cnnjax, XLA convolutions'] = xla, xla.chunk(k)
+      if c.other_convolutions and cpu:  # the convolutions cnnjax did not pick here
+        label, choice = OTHER_CONVOLUTIONS[ops.onednn_enabled()]
+        other = Bench(c, self.exp.mesh, name, convolutions=choice)
+        programs[label] = other, other.chunk(k)
       if c.bf16 and not cpu:
         low = Bench(c, self.exp.mesh, name, dtype='bfloat16')
         programs['cnnjax bf16'] = low, low.chunk(k)
@@ -380,7 +387,7 @@ class Benchmark:
       ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
             for label, seconds in time_repeats(timers, c.repeats, profile_dir=self.profile_dir(name)).items()}
       ours = ms['cnnjax']
-      xla_variants = [label for label in ms if label.startswith('cnnjax, XLA ')]
+      variants = [label for label in ms if label.startswith('cnnjax, ')]
       if name == 'digit_cnn':
         self.consumed = [1000 * bench.batch_size / m for m in ours]
       if c.peak_flops and not cpu:  # of the bf16 program when there is one: peak_flops is a bf16 peak
@@ -389,11 +396,11 @@ class Benchmark:
         flops = b.flops(fn, b.states()) / k
         if flops:
           self.add(f'{name} {label}', 'MFU %', [100 * flops / (m / 1000 * c.peak_flops) for m in ms[label]])
-      for label in xla_variants:
+      for label in variants:
         self.add(f'{name} cnnjax / {label} images/s', 'ratio', [x / o for o, x in zip(ours, ms[label])])
       if have_torch:
         theirs = ms['torch']
-        for label in ['cnnjax', *xla_variants]:
+        for label in ['cnnjax', *variants]:
           self.add(f'{name} {label} / torch images/s', 'ratio', [t / o for o, t in zip(ms[label], theirs)])
 
   def members(self):

@@ -33,5 +33,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+# The oneDNN convolutions run in every test, on any CPU: by default models use them only where they
+# beat XLA's (AVX-512 CPUs; tests/test_ops.py checks that choice), and CI machines vary.
+os.environ.setdefault('CNNJAX_ONEDNN', '1')
+
 os.environ.setdefault('WANDB_MODE', 'disabled')
 os.environ.setdefault('WANDB_SILENT', 'true')

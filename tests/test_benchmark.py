@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax import ops
 from cnnjax.errors import ConfigError
 from cnnjax.train import sharding
 from experiments import benchmark, runner
@@ -106,7 +107,7 @@ def test_flops_count_every_convolution():
   where the benchmark reports no MFU)."""
   config = get_config('smoke')
   config.batch_sizes.digit_cnn = 8
-  bench = benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn', xla_convolutions=True)
+  bench = benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn', convolutions=ops.xla_convolutions)
   forward = 2 * (28 * 28 * 32 * 9 + 14 * 14 * 64 * 9 * 32 + 7 * 7 * 64 * 128 + 128 * 10)  # per image
   per_image = bench.flops(bench.chunk(1), bench.states()) / 8
   assert 2.8 * forward < per_image < 3.3 * forward, per_image / forward

@@ -189,7 +189,7 @@ def test_stroke_paths_parse_absolute_relative_and_smooth_curves():
 
 
 def test_auto_task_mode_vmaps_unless_xla_runs_the_cpu_convolutions():
-  expected = 'vmap' if jax.default_backend() != 'cpu' or ops.onednn_available() else 'loop'
+  expected = 'vmap' if jax.default_backend() != 'cpu' or ops.onednn_enabled() and ops.onednn_available() else 'loop'
   assert ml.task_mode('auto') == expected
   with ops.xla_convolutions():
     assert ml.task_mode('auto') == ('loop' if jax.default_backend() == 'cpu' else 'vmap')

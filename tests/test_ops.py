@@ -2,6 +2,7 @@
 vmapped members), what stays on XLA, the switch per model, and a library that cannot be built."""
 
 import concurrent.futures
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,31 @@ def test_models_built_inside_xla_convolutions_keep_xla():
   close(jax.jit(slow)(x), jax.jit(fast)(x))
 
 
+def cpu_flags():
+  return next(set(line.split(':')[1].split()) for line in Path('/proc/cpuinfo').read_text().splitlines()
+              if line.startswith('flags'))
+
+
+@pytest.mark.skipif(not Path('/proc/cpuinfo').exists(), reason='reads the CPU flags from /proc/cpuinfo')
+def test_models_take_onednn_by_default_only_on_avx512_cpus(monkeypatch):
+  """oneDNN 2023.2 has direct NHWC kernels (brgemm) on AVX-512 CPUs only; elsewhere XLA's convolutions
+  are faster and models take them, unless CNNJAX_ONEDNN or a context says otherwise."""
+  avx512 = {'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'} <= cpu_flags()
+  assert ops.onednn_faster() == avx512
+  monkeypatch.delenv('CNNJAX_ONEDNN', raising=False)
+  assert ops.onednn_enabled() == avx512
+  for setting in ('0', '1'):
+    monkeypatch.setenv('CNNJAX_ONEDNN', setting)
+    assert ops.onednn_enabled() == (setting == '1')
+    with ops.xla_convolutions():
+      assert not ops.onednn_enabled()
+    with ops.onednn_convolutions():
+      assert ops.onednn_enabled()
+  monkeypatch.setenv('CNNJAX_ONEDNN', 'yes')
+  with pytest.raises(ValueError, match="CNNJAX_ONEDNN='yes': set it to 0 .* 1 .* or leave it unset"):
+    ops.onednn_enabled()
+
+
 def test_a_library_that_cannot_be_built_warns_and_leaves_xla(monkeypatch, tmp_path):
   monkeypatch.setenv('CNNJAX_CACHE_DIR', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler')
@@ -128,7 +154,7 @@ def test_a_library_that_cannot_be_built_warns_and_leaves_xla(monkeypatch, tmp_pa
     native.load(onednn.SOURCE, 'dnnl', 'oneapi/dnnl/dnnl.hpp', onednn.INSTALL_HINT)
   with pytest.raises(native.BuildError, match='pip install onednn'):
     native.load(onednn.SOURCE, 'no_such_library', 'oneapi/dnnl/dnnl.hpp', onednn.INSTALL_HINT)
-  monkeypatch.setattr(onednn, 'library_loaded', onednn.library_loaded.__wrapped__)  # uncached: builds again
+  monkeypatch.setattr(onednn, 'library', onednn.library.__wrapped__)  # uncached: builds again
   x, w = inputs(2, 8, 3, 4, 3)
   with pytest.warns(RuntimeWarning, match='XLA runs them.*no C.. compiler'):
     assert not on_onednn(loss(ops.conv_general_dilated, (1, 1), 'SAME', (1, 1)), x, w)

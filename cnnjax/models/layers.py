@@ -10,8 +10,9 @@ from cnnjax.models.registry import check_images
 
 
 class Conv(nnx.Conv):
-  """nnx.Conv whose 2-D float32 convolutions run on oneDNN on a single CPU device (cnnjax/ops/conv.py),
-  unless the model is built inside `ops.xla_convolutions()` or with CNNJAX_ONEDNN=0."""
+  """nnx.Conv whose 2-D float32 convolutions run on oneDNN on a single CPU device where it is faster than
+  XLA, or as `ops.xla_convolutions()`, `ops.onednn_convolutions()` or CNNJAX_ONEDNN say when the model is
+  built (cnnjax/ops/conv.py)."""
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault('conv_general_dilated',

@@ -2,9 +2,9 @@
 
 XLA:CPU runs convolutions on Eigen's tensor contractions, and their weight gradients on transposed
 (batch-minor) copies of both operands. oneDNN (Intel's deep-learning kernels, which PyTorch's CPU
-convolutions also use) runs the same convolutions 2-4x faster on 2 cores: for a CIFAR ResNet-20
-layer at batch 128 (32x32x16), forward, input and weight gradient take 8.6, 6.5 and 12.2 ms on XLA
-against 3.2, 3.9 and 4.2 ms on oneDNN. `conv_general_dilated` sends float32 2-D convolutions in
+convolutions also use) runs the same convolutions 2-4x faster on 2 AVX-512 cores: for a CIFAR
+ResNet-20 layer at batch 128 (32x32x16), forward, input and weight gradient take 8.6, 6.5 and 12.2 ms
+on XLA against 3.2, 3.9 and 4.2 ms on oneDNN. `conv_general_dilated` sends float32 2-D convolutions in
 NHWC/HWIO layout, without feature groups or input dilation, on a single CPU device, to oneDNN
 through XLA FFI custom calls (onednn_conv.cc, compiled on first use: cnnjax/ops/native.py);
 everything else (accelerators, several devices, where XLA partitions the batch; other dtypes,
@@ -13,9 +13,11 @@ the forward, input-gradient and weight-gradient convolutions are bilinear, and t
 made of the others. Where the library cannot be built (no compiler, no oneDNN wheels), a warning
 says why once and XLA runs every convolution.
 
-`CNNJAX_ONEDNN=0` turns oneDNN off for a process; `xla_convolutions()` for the models built inside
-it (cnnjax.models.layers.Conv picks the function when it is constructed). A convolution runs on all
-cores, one at a time; traced inside `threads_per_call(n)`, on n threads, beside other such calls
+Models use oneDNN where it beats XLA: on CPUs where oneDNN has direct kernels for NHWC convolutions
+(AVX-512; on AVX2 XLA's are faster: `onednn_faster()`). `CNNJAX_ONEDNN=0` or `1` turns oneDNN off
+or on for a process; `xla_convolutions()` and `onednn_convolutions()` for the models built inside
+them (cnnjax.models.layers.Conv picks the function when it is constructed). A convolution runs on
+all cores, one at a time; traced inside `threads_per_call(n)`, on n threads, beside other such calls
 (ensemble members trained on threads of their own: cnnjax/train/steps.py). README: Benchmark.
 """
 
@@ -44,19 +46,37 @@ _state = threading.local()
 
 
 def onednn_enabled():
-  """Whether models built now use oneDNN where it applies (`CNNJAX_ONEDNN=0` or `xla_convolutions()` say no)."""
-  return getattr(_state, 'enabled', os.environ.get('CNNJAX_ONEDNN', '1') != '0')
+  """Whether models built now use oneDNN where it applies: as `xla_convolutions()` or
+  `onednn_convolutions()` say inside them, else as `CNNJAX_ONEDNN` says (0 or 1), else where it is
+  faster (`onednn_faster()`)."""
+  enabled = getattr(_state, 'enabled', None)
+  if enabled is None:
+    setting = os.environ.get('CNNJAX_ONEDNN', '')
+    if setting not in ('', '0', '1'):
+      raise ValueError(f'CNNJAX_ONEDNN={setting!r}: set it to 0 (XLA\'s convolutions), 1 (oneDNN\'s) or '
+                       'leave it unset (oneDNN\'s where they are faster)')
+    enabled = onednn_faster() if setting == '' else setting == '1'
+  return enabled
 
 
 @contextlib.contextmanager
-def xla_convolutions():
-  """Models built inside run every convolution on XLA (e.g. to compare the two)."""
-  before = onednn_enabled()
-  _state.enabled = False
+def _convolutions(enabled):
+  before = getattr(_state, 'enabled', None)
+  _state.enabled = enabled
   try:
     yield
   finally:
     _state.enabled = before
+
+
+def xla_convolutions():
+  """Models built inside run every convolution on XLA (e.g. to compare the two)."""
+  return _convolutions(False)
+
+
+def onednn_convolutions():
+  """Models built inside run their convolutions on oneDNN where it applies, on any CPU."""
+  return _convolutions(True)
 
 
 @contextlib.contextmanager
@@ -72,17 +92,25 @@ def threads_per_call(threads):
 
 
 @functools.cache
-def library_loaded():
-  """Build, load and register the custom calls once per process; False (with a warning) if that fails."""
+def library():
+  """The custom calls' library, built, loaded and registered once per process; None (with a warning)
+  if that fails."""
   try:
     library = native.load(SOURCE, 'dnnl', 'oneapi/dnnl/dnnl.hpp', INSTALL_HINT)
   except native.BuildError as error:
-    warnings.warn(f'cnnjax: oneDNN convolutions unavailable, XLA runs them (slower on CPU): {error}',
-                  RuntimeWarning, stacklevel=2)
-    return False
+    warnings.warn(f'cnnjax: oneDNN convolutions unavailable, XLA runs them: {error}', RuntimeWarning, stacklevel=2)
+    return None
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
-  return True
+  return library
+
+
+@functools.cache
+def onednn_faster():
+  """Whether oneDNN's convolutions beat XLA's here: on a CPU backend, where oneDNN has direct kernels
+  for NHWC convolutions (brgemm, on AVX-512 CPUs). On 2 AVX2 cores it falls back to im2col + GEMM
+  for them (4x slower), and even in its blocked layouts it loses to XLA (README: Benchmark)."""
+  return jax.default_backend() == 'cpu' and library() is not None and bool(library().cnnjax_onednn_direct_nhwc())
 
 
 class Geometry(NamedTuple):
@@ -123,7 +151,7 @@ def on_onednn(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, ba
 
 def onednn_available():
   """Whether oneDNN can run convolutions here: one CPU device, and the library built."""
-  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and library_loaded()
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and library() is not None
 
 
 def _call(target, like, *operands, geometry):

@@ -77,10 +77,16 @@ dnnl::primitive_attr OwnScratchpad() {
   return attr;
 }
 
-// The layouts are those oneDNN runs fastest on 2-D CIFAR/ImageNet shapes here: NHWC for the forward
-// pass (brgemm kernels), its own blocked layouts for the gradients (NHWC gets im2col + GEMM).
+// The layouts are those oneDNN runs fastest on 2-D CIFAR/ImageNet shapes: NHWC for the forward pass where
+// oneDNN has direct kernels for it (brgemm, on AVX-512 CPUs), else its own blocked layouts, as always for
+// the gradients (in NHWC oneDNN falls back to im2col + GEMM: ~4x slower on AVX2).
+bool Im2colGemm(const dnnl::primitive_desc_base& pd) {
+  return std::string(pd.impl_info_str()).find("gemm") != std::string::npos;
+}
+
 std::unique_ptr<Plan> ForwardPlan(const Shape& s) {  // x, w -> y
   auto pd = s.Forward(tag::nhwc, OwnScratchpad());
+  if (Im2colGemm(pd)) pd = s.Forward(tag::any, OwnScratchpad());
   return std::make_unique<Plan>(dnnl::convolution_forward(pd), std::vector<int>{DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
       std::vector<memory::desc>{s.Src(tag::nhwc), s.Weights(tag::hwio), s.Dst(tag::nhwc)},
       std::vector<memory::desc>{pd.src_desc(), pd.weights_desc(), pd.dst_desc()}, pd.scratchpad_desc());
@@ -220,6 +226,13 @@ ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<f
 }
 
 }  // namespace
+
+// Whether oneDNN has direct kernels for NHWC forward convolutions on this CPU (brgemm: AVX-512 in oneDNN
+// 2023.2), where its convolutions beat XLA's; on AVX2 they lose even in blocked layouts (README: Benchmark).
+extern "C" int cnnjax_onednn_direct_nhwc() {
+  const Shape s{32, 16, 16, 32, 16, 16, 32, 3, 3, {1, 1}, {1, 1}, {1, 1}, {0, 0}};
+  return !Im2colGemm(s.Forward(tag::nhwc, {}));
+}
 
 #define CNNJAX_CONV_HANDLER(name, impl)                                                                \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                                           \

@@ -8,8 +8,9 @@ Table (results/benchmark/<preset>/table.md): rows = measurements, columns = 'ms/
 runs it: (1) train-step throughput of cnnjax vs a PyTorch eager model of the same architecture,
 batch and optimizer (Adam), on CPU also with XLA's own reductions instead of the YNNPACK
 reduction fusions cnnjax turns on (`cnnjax, XLA reductions` rows: `--xla_cpu_experimental_ynn_fusion_type=`
-for that program only) and with XLA's convolutions instead of oneDNN's (`cnnjax, XLA convolutions`
-rows: cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads vs M sequential
+for that program only) and with the convolutions cnnjax did not pick on this CPU (`cnnjax, XLA
+convolutions` rows where it picked oneDNN's, on AVX-512 CPUs, else `cnnjax, oneDNN convolutions`:
+cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads vs M sequential
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
 compilation cache (fresh subprocesses); (5) grain loader images/s vs what the digit-CNN step
@@ -46,7 +47,7 @@ def get_config(preset=''):
   config.grain_batches = 40             # timed grain batches per repeat
   config.bf16 = False                   # bf16 images/s rows (accelerators only)
   config.xla_reductions = True          # CPU: also time each model with XLA's own reductions ('cnnjax, XLA reductions' rows)
-  config.xla_convolutions = True        # CPU: ... and with XLA's convolutions instead of oneDNN's ('cnnjax, XLA convolutions')
+  config.other_convolutions = True      # CPU: ... and with the convolutions cnnjax did not pick (XLA's or oneDNN's)
   config.peak_flops = 0.0               # peak FLOP/s of one device for MFU (0 = no MFU rows)
   config.profile_dir = ''               # if set: trace one more call of every timed program there
                                         # (<dir>/<section>/<label>/, jax.profiler) and print its top events
