@@ -107,10 +107,11 @@ def library():
 
 @functools.cache
 def onednn_faster():
-  """Whether oneDNN's convolutions beat XLA's here: on a CPU backend, where oneDNN has direct kernels
-  for NHWC convolutions (brgemm, on AVX-512 CPUs). On 2 AVX2 cores it falls back to im2col + GEMM
-  for them (4x slower), and even in its blocked layouts it loses to XLA (README: Benchmark)."""
-  return jax.default_backend() == 'cpu' and library() is not None and bool(library().cnnjax_onednn_direct_nhwc())
+  """Whether oneDNN's convolutions beat XLA's here: where they can run (`onednn_available()`) and
+  oneDNN has direct kernels for NHWC convolutions (brgemm, on AVX-512 CPUs). On 2 AVX2 cores it falls
+  back to im2col + GEMM for them (4x slower), and even in its blocked layouts it loses to XLA
+  (README: Benchmark)."""
+  return onednn_available() and bool(library().cnnjax_onednn_direct_nhwc())
 
 
 class Geometry(NamedTuple):
