@@ -35,11 +35,11 @@ TASK_MODES = ('auto', 'vmap', 'loop')
 
 
 def task_mode(mode):
-  """'auto' -> 'vmap', except where XLA runs the convolutions on CPU (several devices, oneDNN off
-  or not built): vmapped per-task weights become grouped convolutions there, slower than a loop.
-  On oneDNN (cnnjax/ops) the vmapped tasks' convolutions are one call each: the default preset's
-  MAML meta-trains in 13.8 instead of 20.3 s, and `./run.sh meta_learning` takes 2 min 1 s
-  instead of 2 min 58 s."""
+  """'auto' -> 'vmap', except where XLA runs the convolutions on CPU (several devices, CPUs without
+  AVX-512, oneDNN off or not built: cnnjax/ops): vmapped per-task weights become grouped
+  convolutions there, slower than a loop. On oneDNN the vmapped tasks' convolutions are one call
+  each: on 2 AVX-512 cores the default preset's MAML meta-trains in 13.8 instead of 20.3 s, and
+  `./run.sh meta_learning` takes 2 min 1 s instead of 2 min 58 s."""
   if mode != 'auto':
     return mode
   on_xla_cpu = jax.default_backend() == 'cpu' and not (ops.onednn_enabled() and ops.onednn_available())

@@ -72,10 +72,11 @@ def member_mode(mode):
   """The side-by-side path for 'auto': vmap on GPU/TPU, where one small model leaves the chip
   idle; on one CPU device, one compiled member program called from a thread per member, each
   member's oneDNN convolutions (cnnjax/ops) on its share of the cores, so that the members' steps,
-  XLA's single-threaded ops included, fill the cores (2 cores, digit CNN at batch 128: 5 members
-  on threads take 0.82-0.91 of the sequential time, vmapped 0.79-0.91, unrolled 0.89-0.99, and
-  unrolling costs about M times the compile); on several CPU devices, sequential calls (each
-  program already spans every device)."""
+  XLA's single-threaded ops included, fill the cores (2 AVX-512 cores, digit CNN at batch 128: 5
+  members on threads take 0.82-0.91 of the sequential time, vmapped 0.79-0.91, unrolled 0.89-0.99,
+  and unrolling costs about M times the compile; on 2 AVX2 cores, with XLA's convolutions, threads
+  0.88, unrolled 0.90, vmapped 1.71); on several CPU devices, sequential calls (each program
+  already spans every device)."""
   if mode != 'auto':
     return mode
   if jax.default_backend() != 'cpu':
