@@ -153,7 +153,7 @@ PAPER_ON_MOCK_DATA = on_mock_data('transfer', 'num_examples=24')
 PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.pretrain.steps=1',
                    '--config.finetune.steps=1', '--config.pretrain.batch_size=8', '--config.finetune.batch_size=8',
                    '--config.eval_batch_size=8', '--config.labels_per_class=(1,)', '--config.progress=False',
-                   # Two methods: each compiles its own ResNet-20 programs; the smoke test runs all five.
+                   # Two methods: each compiles its own ResNet-20 programs (the smoke preset runs three).
                    "--config.methods=('scratch','l2sp')")
 
 
