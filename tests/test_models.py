@@ -107,6 +107,27 @@ def test_unknown_model_lists_the_models():
     assert name in str(info.value)
 
 
+def test_traced_builds_do_not_walk_the_trace_for_each_parameter(monkeypatch):
+  """flax probes `.sharding` on every value it assigns; JAX's answer on a tracer walks every
+  equation traced so far (quadratic construction under nnx.eval_shape). `models.build` answers
+  without the walk, and puts JAX's property back afterwards, also when the build fails. If the
+  plain construction stops walking, JAX has fixed it and the workaround can go."""
+  tracer_type = []
+  jax.eval_shape(lambda x: tracer_type.append(type(x)) or x, 1.0)
+  walks = []
+  origin_msg = tracer_type[0]._origin_msg
+  monkeypatch.setattr(tracer_type[0], '_origin_msg', lambda self: walks.append(1) or origin_msg(self))
+  original = jax.core.Tracer.__dict__['sharding']
+
+  nnx.eval_shape(lambda: models.build('digit_cnn', num_classes=10))
+  assert not walks
+  with pytest.raises(TypeError):
+    models.build('digit_cnn', num_classes=10, no_such_argument=1)
+  assert jax.core.Tracer.__dict__['sharding'] is original
+  nnx.eval_shape(lambda: models.MODELS.get('digit_cnn')(rngs=nnx.Rngs(0), dtype=jnp.float32, num_classes=10))
+  assert walks
+
+
 # Forward and backward ---------------------------------------------------------------------------
 
 CASES = {
