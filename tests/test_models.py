@@ -1,5 +1,6 @@
-"""Models: parameter counts (the papers' numbers), a jitted forward/backward pass, the residual
-ReLU, clear shape errors, the registry's error and the transfer parameter groups."""
+"""Models: parameter counts (the papers' numbers), traced builds in linear time, a jitted
+forward/backward pass, the residual ReLU, clear shape errors, the registry's error and the
+transfer parameter groups."""
 
 import math
 import re
