@@ -22,7 +22,8 @@ if 'CNNJAX_DATA_DIR' not in os.environ:
 # convolutions call precompiled library kernels either way. (Level 0 compiles faster still but
 # miscompiles: NaN gradients through batch norm -> ReLU -> a cropping max pool.) Children inherit it.
 # XLA's older (non-MLIR) elementwise emitters compile faster still (model-zoo sample 121 -> 96 s)
-# but run slower, so only tests take them (2 AVX2 cores: ResNet-20 train step 4-15% slower).
+# but run slower, so only tests take them (2 AVX2 cores: digit CNN, Conv-4, ResNet-20 train steps
+# 4, 6, 15% slower).
 os.environ['XLA_FLAGS'] = with_xla_flag(with_xla_flag(os.environ.get('XLA_FLAGS', ''), 'xla_backend_optimization_level', 1),
                                         'xla_cpu_use_fusion_emitters', 'false')
 
