@@ -109,8 +109,8 @@ def library():
 def onednn_faster():
   """Whether oneDNN's convolutions beat XLA's here: where they can run (`onednn_available()`) and
   oneDNN has direct kernels for NHWC convolutions (brgemm, on AVX-512 CPUs). On 2 AVX2 cores it falls
-  back to im2col + GEMM for them (4x slower), and even in its blocked layouts it loses to XLA
-  (README: Benchmark)."""
+  back to im2col + GEMM for them (4x slower), and in its blocked layouts it loses to XLA on the
+  small default models and is about even on ResNet-20 (README: Benchmark)."""
   return onednn_available() and bool(library().cnnjax_onednn_direct_nhwc())
 
 
