@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CSV_HEADER = 'experiment,preset,row,column,mean,std,n'
 
 
+@pytest.mark.slow
 def test_smoke_preset_writes_table(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', MPLCONFIGDIR=str(tmp_path / 'mpl'), WANDB_MODE='disabled')
   args = [sys.executable, '-m', 'experiments.benchmark', '--config=experiments/configs/benchmark.py:smoke',

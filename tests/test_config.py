@@ -125,11 +125,11 @@ def test_zero_alpha_is_allowed():
 @pytest.mark.parametrize('key', ['pretrain.steps', 'finetune.steps'])
 def test_steps_must_fill_whole_chunks(key):
   config = get_config('smoke')
-  assert config.chunk_steps == 5
+  assert config.chunk_steps == 2
   holder, last = config[key.split('.')[0]], key.split('.')[1]
-  holder[last] = 12
-  error = raises_config_error(config, key, 12)
-  assert 'multiple of 5' in str(error)
+  holder[last] = 13
+  error = raises_config_error(config, key, 13)
+  assert 'multiple of 2' in str(error)
 
 
 def test_checkpoints_fall_on_chunk_ends():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name('distributed_worker.py')
 
@@ -52,6 +53,7 @@ def start(process_id, processes, port, devices, checkpoint_dir, slurm=False):
                           stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   port = free_slurm_port()
   pair = [start(p, 2, port, 4, tmp_path / 'pair', slurm=p == 1) for p in range(2)]

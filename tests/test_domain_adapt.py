@@ -21,6 +21,7 @@ def read_csv(path):
   return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
   run(['-m', 'experiments.domain_adapt', *flags('domain_adapt', tmp_path, 'smoke')], tmp_path)
   config = get_config('smoke')
@@ -94,6 +95,7 @@ PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.train
                    '--config.model_kwargs.width=4')
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
   run(['-c', MOCK, *flags('domain_adapt', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'domain_adapt' / 'paper'

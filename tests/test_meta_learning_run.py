@@ -7,6 +7,8 @@ import csv
 import io
 import json
 
+import pytest
+
 from experiments.configs.meta_learning import get_config
 from experiment_cli import flags, on_mock_data, run
 
@@ -15,6 +17,7 @@ def rows_of(out):
   return list(csv.DictReader(io.StringIO((out / 'table.csv').read_text())))
 
 
+@pytest.mark.slow
 def test_smoke_preset_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
   args = ['-m', 'experiments.meta_learning', *flags('meta_learning', tmp_path, 'smoke')]
   first, _ = run(args, tmp_path)
@@ -63,6 +66,7 @@ PAPER_OVERRIDES = ('--config.methods=("nearest_neighbour","protonet","maml")', '
                    '--config.checkpoint_every=0', '--config.progress=False')
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
   run(['-c', PAPER_ON_MOCK_DATA, *flags('meta_learning', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'meta_learning' / 'paper'

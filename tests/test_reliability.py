@@ -26,7 +26,7 @@ def command(tmp):
   """A small transfer sweep: 1 seed, pretraining then 2 fine-tuning cells, a checkpoint per chunk."""
   return [sys.executable, '-m', 'experiments.transfer', '--config=experiments/configs/transfer.py:smoke',
           '--config.seeds=1', '--config.methods=("scratch","finetune")', '--config.labels_per_class=(5,)',
-          '--config.pretrain.steps=20', '--config.finetune.steps=20', '--config.checkpoint_every=5',
+          '--config.pretrain.steps=20', '--config.finetune.steps=20', '--config.checkpoint_every=2',
           f'--config.workdir={tmp / "work"}', f'--config.results_dir={tmp / "results"}',
           f'--config.compile_cache={tmp.parent / "jax-cache"}', '--config.wandb.mode=disabled']
 
@@ -42,6 +42,7 @@ def finished(tmp):
                       tracking.read_metrics(cell / 'seed_0')) for cell in cells}
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_sweep_ends_bit_identical(tmp_path):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   started = time.time()

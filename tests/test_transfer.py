@@ -33,6 +33,7 @@ def read_csv(path):
 # Smoke preset -----------------------------------------------------------------------------------
 # One test per subprocess run: under pytest-xdist a module fixture would run once per worker.
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end_and_rerun_skips(tmp_path):
   args = ['-m', 'experiments.transfer', *flags('transfer', tmp_path, 'smoke')]
   first, first_s = run(args, tmp_path)
@@ -157,6 +158,7 @@ PAPER_OVERRIDES = ('--config.seeds=1', '--config.chunk_steps=1', '--config.pretr
                    "--config.methods=('scratch','l2sp')")
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_to_a_table_on_mock_data(tmp_path):
   run(['-c', PAPER_ON_MOCK_DATA, *flags('transfer', tmp_path, 'paper', *PAPER_OVERRIDES)], tmp_path)
   out = tmp_path / 'results' / 'transfer' / 'paper'

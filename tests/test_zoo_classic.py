@@ -82,7 +82,7 @@ def test_configurations_that_do_not_exist_fail_clearly():
   with pytest.raises(ValueError, match=r'18, 34, 50, 101, 152.*26'):
     nnx.eval_shape(lambda: resnet_backbone(26, 3, rngs=rngs, dtype=jnp.float32))
   with pytest.raises(ValueError, match=r'11, 13, 16, 19.*17'):
-    nnx.eval_shape(lambda: VGGBackbone(17, 3, False, rngs=rngs, dtype=jnp.float32))
+    nnx.eval_shape(lambda: VGGBackbone(17, 3, False, 4096, rngs=rngs, dtype=jnp.float32))
   with pytest.raises(ValueError, match=r'6n\+4.*27'):
     nnx.eval_shape(lambda: wide_resnet(27, 10, num_classes=10, rngs=rngs))
   wrn16_1 = nnx.eval_shape(lambda: wide_resnet(16, 1, num_classes=10, rngs=nnx.Rngs(0)))

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ['digit_cnn', 'resnet20_cifar', 'mobilenet_v2']  # a plain CNN, batch norm + residuals, depthwise
@@ -43,6 +44,7 @@ SHARDED = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_representative_models_sharded_over_eight_devices_equal_one():
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags.strip())

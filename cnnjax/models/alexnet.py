@@ -83,14 +83,14 @@ class DenseStage(nnx.Module):
 
 class AlexNetBackbone(nnx.Module):
 
-  def __init__(self, channels, *, rngs, dtype):
+  def __init__(self, channels, hidden, *, rngs, dtype):
     self.channels, self.dtype = channels, dtype
     self.stages = nnx.List([
         ConvStage([(channels, 64, 11, 4, 2)], True, rngs=rngs, dtype=dtype),
         ConvStage([(64, 192, 5, 1, 2)], True, rngs=rngs, dtype=dtype),
         ConvStage([(192, 384, 3, 1, 1), (384, 256, 3, 1, 1), (256, 256, 3, 1, 1)], True,
                   rngs=rngs, dtype=dtype),
-        DenseStage(6, (256 * 6 * 6, 4096, 4096), rngs=rngs, dtype=dtype),
+        DenseStage(6, (256 * 6 * 6, hidden, hidden), rngs=rngs, dtype=dtype),
     ])
 
   def __call__(self, x):
@@ -102,8 +102,9 @@ class AlexNetBackbone(nnx.Module):
 
 
 @register('alexnet', inputs=[(224, 224, 3)], small_inputs=[(64, 64, 3)], num_classes=1000,
-          small_kwargs=dict(num_classes=10))
-def alexnet(*, num_classes, rngs, dtype=jnp.float32, channels=3):
-  """AlexNet, torchvision's single tower (61.1M parameters at 1000 classes; inputs of 63x63 or more)."""
-  return Classifier(AlexNetBackbone(channels, rngs=rngs, dtype=dtype), 4096, num_classes,
+          small_kwargs=dict(num_classes=10, hidden=64))
+def alexnet(*, num_classes, rngs, dtype=jnp.float32, channels=3, hidden=4096):
+  """AlexNet, torchvision's single tower (61.1M parameters at 1000 classes; inputs of 63x63 or more),
+  with dense layers of `hidden` units (4096 in the paper)."""
+  return Classifier(AlexNetBackbone(channels, hidden, rngs=rngs, dtype=dtype), hidden, num_classes,
                     rngs=rngs, dtype=dtype)

@@ -41,7 +41,7 @@ class ConvStage(nnx.Module):
 
 class VGGBackbone(nnx.Module):
 
-  def __init__(self, depth, channels, batch_norm, *, rngs, dtype):
+  def __init__(self, depth, channels, batch_norm, hidden, *, rngs, dtype):
     if depth not in CONFIGS:
       raise ValueError(f'VGG depth must be one of {tuple(CONFIGS)} (configurations A, B, D, E), got {depth}')
     self.name = f'vgg{depth}' + ('_bn' if batch_norm else '')
@@ -50,7 +50,7 @@ class VGGBackbone(nnx.Module):
     self.stages = nnx.List(
         [ConvStage(cin, cout, n, batch_norm, rngs=rngs, dtype=dtype)
          for cin, cout, n in zip(cins, WIDTHS, CONFIGS[depth])]
-        + [DenseStage(7, (512 * 7 * 7, 4096, 4096), rngs=rngs, dtype=dtype)])
+        + [DenseStage(7, (512 * 7 * 7, hidden, hidden), rngs=rngs, dtype=dtype)])
 
   def __call__(self, x):
     check_images(x, self.channels, self.name)
@@ -62,19 +62,21 @@ class VGGBackbone(nnx.Module):
     return x
 
 
-def vgg(depth, batch_norm=False, *, num_classes, rngs, dtype=jnp.float32, channels=3):
-  """A VGG network of `depth` 11, 13, 16 or 19 (configurations A, B, D, E)."""
-  return Classifier(VGGBackbone(depth, channels, batch_norm, rngs=rngs, dtype=dtype), 4096, num_classes,
-                    rngs=rngs, dtype=dtype)
+def vgg(depth, batch_norm=False, *, num_classes, rngs, dtype=jnp.float32, channels=3, hidden=4096):
+  """A VGG network of `depth` 11, 13, 16 or 19 (configurations A, B, D, E) with dense layers of
+  `hidden` units (4096 in the paper)."""
+  return Classifier(VGGBackbone(depth, channels, batch_norm, hidden, rngs=rngs, dtype=dtype), hidden,
+                    num_classes, rngs=rngs, dtype=dtype)
 
 
 def register_config(depth, batch_norm):
   name = f'vgg{depth}' + ('_bn' if batch_norm else '')
 
   @register(name, inputs=[(224, 224, 3)], small_inputs=[(32, 32, 3)], num_classes=1000,
-            small_kwargs=dict(num_classes=10))
-  def build(*, num_classes, rngs, dtype=jnp.float32, channels=3):
-    return vgg(depth, batch_norm, num_classes=num_classes, rngs=rngs, dtype=dtype, channels=channels)
+            small_kwargs=dict(num_classes=10, hidden=64))
+  def build(*, num_classes, rngs, dtype=jnp.float32, channels=3, hidden=4096):
+    return vgg(depth, batch_norm, num_classes=num_classes, rngs=rngs, dtype=dtype, channels=channels,
+               hidden=hidden)
   build.__doc__ = f'VGG-{depth} (Simonyan & Zisserman 2015{", with batch norm" if batch_norm else ""}).'
 
 
