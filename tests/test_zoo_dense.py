@@ -33,6 +33,15 @@ def test_parameter_counts_match_torchvision(name, expected):
   assert models.count_params(name, num_classes=1000) == expected
 
 
+def test_mobilenet_v2_repeats_set_the_blocks_of_each_row():
+  model = abstract('mobilenet_v2', num_classes=10, repeats=(1, 2, 1, 1, 1, 1, 1))
+  blocks = [stage.blocks for stage in model.backbone.stages[:-1]]
+  assert [len(b) for b in blocks] == [1, 2, 1, 1, 1, 1, 1]
+  assert [block.residual for b in blocks for block in b] == [False, False, True, False, False, False, False, False]
+  with pytest.raises(ValueError, match=r'7 repeats of at least 1.*\(3, 4\)'):
+    abstract('mobilenet_v2', num_classes=10, repeats=(3, 4))
+
+
 def test_mobilenet_v1_has_the_papers_4_2m_parameters():
   assert abs(models.count_params('mobilenet_v1', num_classes=1000) / 4.2e6 - 1) < 0.02
 

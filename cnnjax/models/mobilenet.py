@@ -77,15 +77,21 @@ class InvertedResidual(nnx.Module):
     return x + y if self.residual else y
 
 
+# The fast test build keeps every row of Table 2 and one residual block (the second of row 2).
 @register('mobilenet_v2', inputs=[(224, 224, 3)], small_inputs=[(32, 32, 3)], num_classes=1000,
-          small_kwargs=dict(num_classes=10, width=0.25))
-def mobilenet_v2(*, num_classes, rngs, dtype=jnp.float32, channels=3, width=1.0):
-  """MobileNet v2 with width multiplier `width` (3,504,872 parameters at 1.0 and 1000 classes)."""
+          small_kwargs=dict(num_classes=10, width=0.25, repeats=(1, 2, 1, 1, 1, 1, 1)))
+def mobilenet_v2(*, num_classes, rngs, dtype=jnp.float32, channels=3, width=1.0, repeats=None):
+  """MobileNet v2 with width multiplier `width` (3,504,872 parameters at 1.0 and 1000 classes) and
+  `repeats` blocks per row of Table 2 (default: the paper's n, 1, 2, 3, 4, 3, 3, 1)."""
   kw = dict(rngs=rngs, dtype=dtype)
+  repeats = repeats or tuple(n for _, _, n, _ in V2_BLOCKS)
+  if len(repeats) != len(V2_BLOCKS) or min(repeats) < 1:
+    raise ValueError(f'mobilenet_v2 needs {len(V2_BLOCKS)} repeats of at least 1 (one per row of Table 2), '
+                     f'got {tuple(repeats)}')
   cin = make_divisible(32 * width)
   stem = ConvBN(channels, cin, 3, 2, act=nnx.relu6, **kw)
   stages = []
-  for t, c, n, s in V2_BLOCKS:  # one stage per row of Table 2
+  for (t, c, _, s), n in zip(V2_BLOCKS, repeats):  # one stage per row of Table 2
     cout, blocks = make_divisible(c * width), []
     for i in range(n):
       blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, **kw))
