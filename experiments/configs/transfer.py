@@ -43,7 +43,7 @@ def get_config(preset=''):
     config.pretrain.steps = 20
     config.finetune.steps = 10
     config.checkpoint_every = 10
-    config.chunk_steps = 2      # compile time grows with the unrolled steps: a cold run 50 -> 29 s on 2 cores
+    config.chunk_steps = 2      # compile grows with the unrolled steps: a cold run 50 -> 29 s (tests' flags)
     config.progress = False
   elif config.preset == 'paper':
     config.model = 'resnet20_cifar'
