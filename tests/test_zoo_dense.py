@@ -5,6 +5,8 @@ at their input's resolution, and clear errors on bad inputs. Everything runs on 
 (nothing is allocated or compiled); `tests/test_zoo.py` runs each model forward and backward.
 """
 
+import re
+
 import jax
 import pytest
 from flax import nnx
@@ -38,8 +40,9 @@ def test_mobilenet_v2_repeats_set_the_blocks_of_each_row():
   blocks = [stage.blocks for stage in model.backbone.stages[:-1]]
   assert [len(b) for b in blocks] == [1, 2, 1, 1, 1, 1, 1]
   assert [block.residual for b in blocks for block in b] == [False, False, True, False, False, False, False, False]
-  with pytest.raises(ValueError, match=r'7 repeats of at least 1.*\(3, 4\)'):
-    abstract('mobilenet_v2', num_classes=10, repeats=(3, 4))
+  for wrong in ((3, 4), ()):
+    with pytest.raises(ValueError, match=rf'7 repeats of at least 1.*{re.escape(str(wrong))}'):
+      abstract('mobilenet_v2', num_classes=10, repeats=wrong)
 
 
 def test_mobilenet_v1_has_the_papers_4_2m_parameters():

@@ -84,10 +84,10 @@ def mobilenet_v2(*, num_classes, rngs, dtype=jnp.float32, channels=3, width=1.0,
   """MobileNet v2 with width multiplier `width` (3,504,872 parameters at 1.0 and 1000 classes) and
   `repeats` blocks per row of Table 2 (default: the paper's n, 1, 2, 3, 4, 3, 3, 1)."""
   kw = dict(rngs=rngs, dtype=dtype)
-  repeats = repeats or tuple(n for _, _, n, _ in V2_BLOCKS)
+  repeats = tuple(n for _, _, n, _ in V2_BLOCKS) if repeats is None else tuple(repeats)
   if len(repeats) != len(V2_BLOCKS) or min(repeats) < 1:
     raise ValueError(f'mobilenet_v2 needs {len(V2_BLOCKS)} repeats of at least 1 (one per row of Table 2), '
-                     f'got {tuple(repeats)}')
+                     f'got {repeats}')
   cin = make_divisible(32 * width)
   stem = ConvBN(channels, cin, 3, 2, act=nnx.relu6, **kw)
   stages = []
