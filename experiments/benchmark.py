@@ -60,10 +60,11 @@ def validate(config):
               'grain_batches', 'compile_repeats'):
     cfg.check_type(config, key, int)
     cfg.check_positive(config, key)
-  cfg.check_type(config, 'members', (list, tuple))
-  for m in config.members:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-      raise cfg.ConfigError('members', m, 'integers >= 1')
+  for key, least in (('members', 1), ('grain_workers', 0)):
+    cfg.check_type(config, key, (list, tuple))
+    for value in config[key]:
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise cfg.ConfigError(key, value, f'integers >= {least}')
   cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
@@ -311,10 +312,10 @@ def compile_seconds(config, cache_dir):
 
 # grain ------------------------------------------------------------------------------------------
 
-def grain_seconds(config, source, batch_size):
-  """Seconds per repeat of `grain_batches` batches from the grain loader over `source` (after a
-  warm-up batch)."""
-  batches = data.grain_batches(source, global_batch_size=batch_size, seed=0)
+def grain_seconds(config, source, batch_size, workers):
+  """Seconds per repeat of `grain_batches` batches from the grain loader over `source`, read in
+  this process (`workers` 0) or in `workers` worker processes, after a warm-up repeat (which starts them)."""
+  batches = data.grain_batches(source, global_batch_size=batch_size, seed=0, workers=workers)
 
   def read(_):
     for _ in range(config.grain_batches):
@@ -472,16 +473,18 @@ class Benchmark:
     self.add('digit_cnn compile warm / cold s', 'ratio', [w / cold_s for w, cold_s in zip(warm, cold)])
 
   def grain(self):
-    """(5) grain loader images/s vs the digit CNN's consumption."""
+    """(5) grain loader images/s, in this process and in worker processes, vs the digit CNN's consumption."""
     c = self.config
     batch = c.batch_sizes.digit_cnn
-    print('[grain]', flush=True)
-    seconds = grain_seconds(c, self.grain_source, batch)
-    rate = [c.grain_batches * batch / s for s in seconds]
-    self.add(f'grain {c.grain_dataset} loader', 'images/s', rate)
-    if self.consumed:
-      self.add('grain loader / digit_cnn consumption images/s', 'ratio',
-               [r / used for r, used in zip(rate, self.consumed)])
+    for workers in c.grain_workers:
+      print(f'[grain] {workers} worker processes', flush=True)
+      seconds = grain_seconds(c, self.grain_source, batch, workers)
+      rate = [c.grain_batches * batch / s for s in seconds]
+      loader = f'grain loader, {workers} worker processes' if workers else 'grain loader'
+      self.add(f'grain {c.grain_dataset} {loader.removeprefix("grain ")}', 'images/s', rate)
+      if self.consumed:
+        self.add(f'{loader} / digit_cnn consumption images/s', 'ratio',
+                 [r / used for r, used in zip(rate, self.consumed)])
 
   def run(self):
     """Every section, the table rewritten after each: a run stopped early (a time limit, an

@@ -48,6 +48,7 @@ def test_smoke_preset_writes_table(tmp_path):
   for row in ('digit_cnn cnnjax', 'digit_cnn cnnjax, XLA reductions', 'digit_cnn M=2 sequential',
               'digit_cnn M=2 threads / sequential ms/step',
               'digit_cnn lax.scan over 2 steps', 'digit_cnn compile warm / cold s', 'grain mnist_5k loader',
+              'grain loader, 2 worker processes / digit_cnn consumption images/s',
               'digit_cnn cost per call (from loop and chunk)'):
     assert row in measured, (row, sorted(measured))
   if benchmark.torch_version() is not None:
@@ -137,6 +138,10 @@ def test_validation_names_the_key():
   config = get_config('smoke')
   config.members = (0,)
   with pytest.raises(ConfigError, match='members'):
+    benchmark.validate(config)
+  config = get_config('smoke')
+  config.grain_workers = (0, -2)
+  with pytest.raises(ConfigError, match='grain_workers'):
     benchmark.validate(config)
   config = get_config('smoke')
   config.profile_dir = None

@@ -344,3 +344,9 @@ def test_fit_and_centre_lays_small_images_out_like_mnist():
   assert out.shape == (2, 28, 28, 1) and out.dtype == np.uint8
   assert (out[:, 4:24, 4:24] == 255).all() and out.sum() == 2 * 20 * 20 * 255  # a 20x20 box, 4-pixel margins
   assert transforms.fit_and_centre(out, 28, 20) is out  # already the right size: unchanged
+
+
+def test_grain_worker_processes_give_the_same_batches_in_the_same_order():
+  run = lambda workers: _take(data.grain_batches(_ids(12), global_batch_size=4, seed=5, start_step=1,
+                                                 workers=workers), 7)
+  assert run(2) == run(0)

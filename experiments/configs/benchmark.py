@@ -13,8 +13,9 @@ convolutions` rows where it picked oneDNN's, on AVX-512 CPUs, else `cnnjax, oneD
 cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads vs M sequential
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
-compilation cache (fresh subprocesses); (5) grain loader images/s vs what the digit-CNN step
-consumes. `paper` adds ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
+compilation cache (fresh subprocesses); (5) grain loader images/s, read in the benchmark's process
+and in `grain_workers` worker processes, vs what the digit-CNN step consumes. `paper` adds
+ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
 flops per step / (step time x peak_flops)). PyTorch is the `bench` extra (pip install
 torch==2.13.0); without it the torch rows are skipped.
 """
@@ -45,6 +46,7 @@ def get_config(preset=''):
   config.compile_repeats = 3            # cold/warm pairs, each with an empty cache
   config.grain_dataset = 'mnist_5k'
   config.grain_batches = 40             # timed grain batches per repeat
+  config.grain_workers = (0, 2)         # grain read in this process (0) and in 2 worker processes
   config.bf16 = False                   # bf16 images/s rows (accelerators only)
   config.xla_reductions = True          # CPU: also time each model with XLA's own reductions ('cnnjax, XLA reductions' rows)
   config.other_convolutions = True      # CPU: ... and with the convolutions cnnjax did not pick (XLA's or oneDNN's)
@@ -71,5 +73,6 @@ def get_config(preset=''):
     config.models = ('digit_cnn', 'conv4', 'resnet20_cifar', 'resnet50')
     config.repeats = 10
     config.bf16 = True
+    config.grain_workers = (0, 8)       # a GPU host's cores
     config.peak_flops = 989e12          # H100 SXM dense bf16; set to the device's peak
   return config
