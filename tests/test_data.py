@@ -350,3 +350,10 @@ def test_grain_worker_processes_give_the_same_batches_in_the_same_order():
   run = lambda workers: _take(data.grain_batches(_ids(12), global_batch_size=4, seed=5, start_step=1,
                                                  workers=workers), 7)
   assert run(2) == run(0)
+
+
+def test_grain_workers_refuse_a_source_they_cannot_receive():
+  class Locked(list):  # a lock does not pickle
+    lock = threading.Lock()
+  with pytest.raises(ValueError, match=r'workers=2.*cannot be pickled.*workers=0'):
+    data.grain_batches(Locked(_ids(8)), global_batch_size=4, seed=0, workers=2)

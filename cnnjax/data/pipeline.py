@@ -4,6 +4,7 @@ Both are indexed by step rather than replayed, so a run resumed at step s sees e
 an uninterrupted run sees from step s on.
 """
 
+import cloudpickle
 import grain
 import jax
 from absl import flags
@@ -41,6 +42,7 @@ def grain_batches(source, *, global_batch_size, seed, shuffle=True, num_epochs=N
   ds = ds[process_index:global_steps * process_count:process_count]
   ds = ds[start_step:].map(lambda indices: _read_batch(source, indices, transform)).to_iter_dataset(_read_options())
   if workers:
+    _check_picklable(source, transform, workers)
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside `app.run`, their defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
@@ -55,6 +57,16 @@ def _read_batch(source, indices, transform):
   if transform is not None:
     examples = [transform(example) for example in examples]
   return jax.tree.map(lambda *leaves: np.stack(leaves), *examples)
+
+
+def _check_picklable(source, transform, workers):
+  """Fail at the call, naming the fix, where grain would fail at the first batch."""
+  try:
+    cloudpickle.dumps((source, transform))  # as grain sends them to its workers
+  except Exception as error:
+    raise ValueError(f'grain_batches(workers={workers}) sends `source` and `transform` to worker processes, '
+                     f'but they cannot be pickled ({type(error).__name__}: {error}); make them picklable '
+                     'or read in this process (workers=0)') from error
 
 
 def _per_process_batch_size(global_batch_size, process_count):
