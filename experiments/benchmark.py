@@ -480,10 +480,10 @@ class Benchmark:
       print(f'[grain] {workers} worker processes', flush=True)
       seconds = grain_seconds(c, self.grain_source, batch, workers)
       rate = [c.grain_batches * batch / s for s in seconds]
-      loader = f'grain loader, {workers} worker processes' if workers else 'grain loader'
-      self.add(f'grain {c.grain_dataset} {loader.removeprefix("grain ")}', 'images/s', rate)
+      suffix = f', {workers} worker processes' if workers else ''
+      self.add(f'grain {c.grain_dataset} loader{suffix}', 'images/s', rate)
       if self.consumed:
-        self.add(f'{loader} / digit_cnn consumption images/s', 'ratio',
+        self.add(f'grain loader{suffix} / digit_cnn consumption images/s', 'ratio',
                  [r / used for r, used in zip(rate, self.consumed)])
 
   def run(self):

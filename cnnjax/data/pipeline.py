@@ -7,9 +7,9 @@ an uninterrupted run sees from step s on.
 import cloudpickle
 import grain
 import jax
-from absl import flags
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -40,7 +40,8 @@ def grain_batches(source, *, global_batch_size, seed, shuffle=True, num_epochs=N
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
   global_steps = len(ds) // process_count
   ds = ds[process_index:global_steps * process_count:process_count]
-  ds = ds[start_step:].map(lambda indices: _read_batch(source, indices, transform)).to_iter_dataset(_read_options())
+  ds = ds[start_step:].map(lambda indices: _read_batch(source, indices, transform))
+  ds = ds.to_iter_dataset(_read_options())
   if workers:
     _check_picklable(source, transform, workers)
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside `app.run`, their defaults
