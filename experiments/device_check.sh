@@ -26,7 +26,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
 # Not in a typical JAX GPU image; versions from constraints.txt.
-PACKAGES=(tensorflow-datasets grain array_record ml_collections mlxtend importlib_resources dm-tree
+PACKAGES=(tensorflow-datasets grain cloudpickle array_record ml_collections mlxtend importlib_resources dm-tree
           promise simple-parsing docstring_parser tensorflow-metadata googleapis-common-protos termcolor toml
           immutabledict portpicker)  # kanjivg (the kanji_glyphs data, 22 MB) is not used here
 
