@@ -18,6 +18,11 @@ PY=$VENV/bin/python
 STAMP=$VENV/.installed
 
 export WANDB_SILENT=true
+# glibc maps every allocation over 32 MB afresh and unmaps it on free, so XLA:CPU's per-call temp
+# buffer costs a page fault per 4 KB on every call: 2 MB transparent huge pages there instead
+# (cnnjax/hugepages.py). A value the caller set wins.
+[[ ${GLIBC_TUNABLES:-} == *glibc.malloc.hugetlb* ]] ||
+  export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
 die() { echo "run.sh: $*" >&2; exit 1; }
 

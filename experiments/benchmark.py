@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import optax
 
 from cnnjax import YNN_FUSION_FLAG, config as cfg
-from cnnjax import data, models, ops
+from cnnjax import data, hugepages, models, ops
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.tables import Table
 from cnnjax.train import sharding, state as train_state, steps
@@ -69,7 +68,7 @@ def validate(config):
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'bf16', 'xla_reductions', 'other_convolutions'):
+  for key in ('torch', 'compile', 'huge_pages', 'bf16', 'xla_reductions', 'other_convolutions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
   if config.profile_dir:
@@ -164,6 +163,21 @@ class Bench:
     the experiments run them, unrolled on CPU only)."""
     return jax.jit(steps.make_chunk(self.step, self.batch_fn, k, unroll), donate_argnums=0,
                    compiler_options=compiler_options)
+
+  def chunk_timers(self, k, scan=True):
+    """{label: (call, state)} for `time_repeats`: k unrolled steps in one program, a Python loop of
+    k jitted steps and (with `scan`) a rolled lax.scan over k steps."""
+    single = self.chunk(1)
+
+    def loop(state, source):
+      for _ in range(k):
+        state, metrics = single(state, source)
+      return state, metrics
+
+    programs = {f'chunk of {k} unrolled': self.chunk(k, unroll=True), f'Python loop of {k} jitted steps': loop}
+    if scan:
+      programs[f'lax.scan over {k} steps'] = self.chunk(k, unroll=False)
+    return {label: self.timer(fn, self.states()) for label, fn in programs.items()}
 
   def members(self, k, mode):
     return steps.over_members(steps.make_chunk(self.step, self.batch_fn, k), mode, source_axes={'split': None})
@@ -286,28 +300,51 @@ def torch_version():
 
 # Compile cache ----------------------------------------------------------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent('''
-    import json, sys, time
-    import ml_collections
-    from experiments import benchmark, runner
-    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
-    config.compile_cache = sys.argv[1]
-    bench = benchmark.Bench(config, runner.setup(config, validate=lambda config: None), 'digit_cnn')
-    state = bench.states()
-    started = time.perf_counter()
-    bench.chunk(config.chunk_steps).lower(state, bench.source).compile()
-    print('COMPILE_SECONDS', time.perf_counter() - started)
-''')
+# Fresh processes -------------------------------------------------------------------------------
+
+# Run by `in_fresh_process`: the digit CNN's Bench in a process set up as an experiment's
+# (`runner.setup`), the config given as JSON; the script prints its result as JSON after RESULT.
+SCRIPT_HEAD = '''
+import json, sys, time
+import ml_collections
+from experiments import benchmark, runner
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+bench = benchmark.Bench(config, runner.setup(config, validate=lambda config: None), 'digit_cnn')
+'''
+COMPILE_SCRIPT = SCRIPT_HEAD + '''
+state = bench.states()
+started = time.perf_counter()
+bench.chunk(config.chunk_steps).lower(state, bench.source).compile()
+print('RESULT', json.dumps(time.perf_counter() - started))
+'''
+CHUNKS_SCRIPT = SCRIPT_HEAD + '''
+print('RESULT', json.dumps(benchmark.time_repeats(bench.chunk_timers(config.chunk_steps, scan=False), config.repeats)))
+'''
+
+
+def in_fresh_process(script, config, env=None):
+  """What `script` (SCRIPT_HEAD + ...) prints after RESULT, run with `config` in a fresh Python
+  process (environment `env`; default, this one's)."""
+  done = subprocess.run([sys.executable, '-c', script, json.dumps(config.to_dict())], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  if done.returncode:
+    raise RuntimeError(f'benchmark subprocess failed:\n{done.stderr[-3000:]}')
+  return json.loads(done.stdout.split('RESULT')[-1])
 
 
 def compile_seconds(config, cache_dir):
-  """Seconds to compile the digit-CNN chunk in a fresh process, set up as an experiment's
-  (`runner.setup`), with the persistent cache at `cache_dir`."""
-  done = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT, str(cache_dir), json.dumps(config.to_dict())],
-                        cwd=REPO, capture_output=True, text=True, timeout=900)
-  if done.returncode:
-    raise RuntimeError(f'compile subprocess failed:\n{done.stderr[-3000:]}')
-  return float(done.stdout.split('COMPILE_SECONDS')[-1].split()[0])
+  """Seconds to compile the digit-CNN chunk in a fresh process with the persistent cache at `cache_dir`."""
+  config = config.copy_and_resolve_references()
+  config.compile_cache = str(cache_dir)
+  return in_fresh_process(COMPILE_SCRIPT, config)
+
+
+def chunk_seconds(config, huge_pages):
+  """{label: seconds of each repeat} of the digit CNN's chunk and Python loop in a fresh process
+  whose glibc gives large allocations transparent huge pages or not (cnnjax/hugepages.py)."""
+  others = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t and hugepages.TUNABLE not in t]
+  env = dict(os.environ, GLIBC_TUNABLES=hugepages.with_huge_pages(':'.join(others), int(huge_pages)))
+  return in_fresh_process(CHUNKS_SCRIPT, config, env)
 
 
 # grain ------------------------------------------------------------------------------------------
@@ -367,6 +404,8 @@ class Benchmark:
       self.notes.append(f'PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, '
                         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
     if jax.default_backend() == 'cpu':
+      self.notes.append(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}, the kernel's transparent "
+                        f"huge pages: {hugepages.thp_mode()} (cnnjax/hugepages.py).")
       self.notes.append(f"The cnnjax rows run {'oneDNN' if ops.onednn_enabled() else 'XLA'}'s convolutions (oneDNN has "
                         f"{'' if ops.onednn_faster() else 'no '}direct NHWC kernels on this CPU: cnnjax/ops/conv.py).")
     for name in c.models:
@@ -434,18 +473,8 @@ class Benchmark:
   def chunks_of(self, name):
     c, k = self.config, self.config.chunk_steps
     print(f'[chunks] {name} k={k}', flush=True)
-    bench = Bench(c, self.exp.mesh, name)
-    single = bench.chunk(1)
-
-    def loop(state, source):
-      for _ in range(k):
-        state, metrics = single(state, source)
-      return state, metrics
-
-    timers = {label: bench.timer(fn, bench.states()) for label, fn in (
-        (f'chunk of {k} unrolled', bench.chunk(k, unroll=True)), (f'Python loop of {k} jitted steps', loop),
-        (f'lax.scan over {k} steps', bench.chunk(k, unroll=False)))}
-    seconds = time_repeats(timers, c.repeats, profile_dir=self.profile_dir(f'chunks_{name}'))
+    seconds = time_repeats(Bench(c, self.exp.mesh, name).chunk_timers(k), c.repeats,
+                           profile_dir=self.profile_dir(f'chunks_{name}'))
     ms = {label: [1000 * s / k for s in times] for label, times in seconds.items()}
     for label in ms:
       self.add(f'{name} {label}', 'ms/step', ms[label])
@@ -472,6 +501,21 @@ class Benchmark:
     self.add(f'digit_cnn chunk of {c.chunk_steps} compile, warm cache', 's', warm)
     self.add('digit_cnn compile warm / cold s', 'ratio', [w / cold_s for w, cold_s in zip(warm, cold)])
 
+  def huge_pages(self):
+    """(7) The digit CNN's chunk and Python loop in fresh processes with glibc's transparent huge
+    pages for large allocations off, on, on, off (CPU; cnnjax/hugepages.py)."""
+    c = self.config
+    print(f'[huge pages] off, on, on, off (the kernel: {hugepages.thp_mode()})', flush=True)
+    ms = collections.defaultdict(list)
+    for state in ('off', 'on', 'on', 'off'):  # in ABBA order: paired fresh processes drift with their order
+      for label, seconds in chunk_seconds(c, state == 'on').items():
+        ms[label, state] += [1000 * s / c.chunk_steps for s in seconds]
+    for (label, state), values in sorted(ms.items(), key=lambda item: item[0][1] == 'on'):
+      self.add(f'digit_cnn {label}, huge pages {state}', 'ms/step', values)
+    for label in dict.fromkeys(label for label, _ in ms):
+      self.add(f'digit_cnn {label}, huge pages off / on ms/step', 'ratio',
+               [a / b for a, b in zip(ms[label, 'off'], ms[label, 'on'])])
+
   def grain(self):
     """(5) grain loader images/s, in this process and in worker processes, vs the digit CNN's consumption."""
     c = self.config
@@ -489,8 +533,9 @@ class Benchmark:
   def run(self):
     """Every section, the table rewritten after each: a run stopped early (a time limit, an
     error) keeps what it measured, marked as partial."""
-    sections = [self.throughput, self.members, self.chunks, *([self.compile] if self.config.compile else []),
-                self.grain]
+    c, cpu = self.config, jax.default_backend() == 'cpu'
+    sections = [self.throughput, self.members, self.chunks, *([self.compile] if c.compile else []),
+                *([self.huge_pages] if c.huge_pages and cpu else []), self.grain]
     for i, section in enumerate(sections):
       section()
       left = [s.__name__ for s in sections[i + 1:]]

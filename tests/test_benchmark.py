@@ -49,6 +49,7 @@ def test_smoke_preset_writes_table(tmp_path):
               'digit_cnn M=2 threads / sequential ms/step',
               'digit_cnn lax.scan over 2 steps', 'digit_cnn compile warm / cold s', 'grain mnist_5k loader',
               'grain loader, 2 worker processes / digit_cnn consumption images/s',
+              'digit_cnn Python loop of 2 jitted steps, huge pages off / on ms/step',
               'digit_cnn cost per call (from loop and chunk)'):
     assert row in measured, (row, sorted(measured))
   if benchmark.torch_version() is not None:
@@ -98,7 +99,7 @@ def test_a_run_stopped_early_keeps_its_table_marked_partial(tmp_path, monkeypatc
     bench.run()
   out = tmp_path / 'benchmark' / 'smoke'
   assert 'digit_cnn cnnjax,ms/step,3.0' in (out / 'table.csv').read_text()
-  assert 'Partial: the run had yet to measure chunks, compile, grain.' in (out / 'table.md').read_text()
+  assert 'Partial: the run had yet to measure chunks, compile, huge_pages, grain.' in (out / 'table.md').read_text()
   assert json.loads((out / 'provenance.json').read_text())['complete'] is False
 
 
