@@ -71,6 +71,7 @@ def get_config(preset=''):
     config.split_size = 128
     config.grain_batches = 5
     config.compile_repeats = 1
+    config.huge_pages = False           # four more fresh processes: tests/test_benchmark.py checks the section
     config.progress = False
   elif config.preset == 'paper':
     config.models = ('digit_cnn', 'conv4', 'resnet20_cifar', 'resnet50')
