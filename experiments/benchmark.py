@@ -298,8 +298,6 @@ def torch_version():
     return None
 
 
-# Compile cache ----------------------------------------------------------------------------------
-
 # Fresh processes -------------------------------------------------------------------------------
 
 # Run by `in_fresh_process`: the digit CNN's Bench in a process set up as an experiment's
