@@ -6,6 +6,7 @@ compute and raises `ConfigError` naming the key, the value and what is allowed.
 """
 
 import collections.abc
+import difflib
 import hashlib
 import json
 import math
@@ -39,6 +40,22 @@ def lookup(config, key):
   for part in key.split('.'):
     value = value[part]
   return value
+
+
+def check_key(config, key, value=None):
+  """`key` (dotted) names a value of `config`: else a ConfigError for `--config.KEY=VALUE` that lists
+  the keys where the path goes wrong and the nearest of them (a typo on the command line)."""
+  node, parts = config, key.split('.')
+  for depth, part in enumerate(parts):
+    where = '.'.join(['config', *parts[:depth]])
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(key, value, f'no key below {where}: it holds a value')
+    if part not in node:
+      known = sorted(node.keys())
+      close = difflib.get_close_matches(part, known, n=1)
+      guess = '.'.join([*parts[:depth], *close, *parts[depth + 1:]])
+      raise ConfigError(key, value, f'the keys of {where}: {known}', f'did you mean --config.{guess}?' if close else '')
+    node = node[part]
 
 
 def check_choice(config, key, choices, hint=''):
@@ -78,7 +95,9 @@ def check_divisible(config, key, divisor, why):
 
 
 def check_batch_fits_devices(config, key='batch_size'):
-  """A global batch must split evenly over every device of the data mesh."""
+  """A global batch: a positive whole number that splits evenly over every device of the data mesh."""
+  check_type(config, key, int)
+  check_positive(config, key)
   check_divisible(config, key, jax.device_count(), f'{jax.device_count()} devices share each batch')
 
 

@@ -52,8 +52,7 @@ def validate(config):
   """Fail before any compute on a wrong key, name or value."""
   cfg.validate_base(config)
   cfg.check_choice(config, 'models', tuple(INPUTS))
-  for name in config.models:
-    cfg.check_type(config, f'batch_sizes.{name}', int)
+  for name in dict.fromkeys(('digit_cnn', *config.models)):  # the digit CNN runs in every section
     cfg.check_batch_fits_devices(config, f'batch_sizes.{name}')
   for key in ('throughput_chunk_steps', 'large_chunk_steps', 'repeats', 'member_chunk_steps', 'split_size',
               'grain_batches', 'compile_repeats'):
@@ -73,7 +72,7 @@ def validate(config):
   cfg.check_type(config, 'profile_dir', str)
   if config.profile_dir:
     cfg.check_writable_dir(config, 'profile_dir')
-  if config.split_size < max(config.batch_sizes[name] for name in config.models):
+  if config.split_size < max(config.batch_sizes[name] for name in ('digit_cnn', *config.models)):
     raise cfg.ConfigError('split_size', config.split_size, 'at least the largest batch size')
 
 

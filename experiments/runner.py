@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import re
+import runpy
 import shlex
 import sys
 import time
@@ -228,5 +229,24 @@ def command_line(experiment, main):
   command, so importing several experiments defines no flags."""
   from absl import app
   from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file('config', f'experiments/configs/{experiment}.py', lock_config=True)
-  app.run(lambda argv: main(config.value))
+  default = f'experiments/configs/{experiment}.py'
+  config = config_flags.DEFINE_config_file('config', default, lock_config=True)
+  app.run(lambda argv: main(config.value), flags_parser=lambda argv: parse_flags(argv, default))
+
+
+def parse_flags(argv, default_config):
+  """absl's flag parsing, but an override of a key the config lacks (a typo) is a ConfigError that
+  names the flag and the keys it could be (ml_collections raises a bare AttributeError)."""
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    refused = error
+  file = next((arg.removeprefix('--config=') for arg in argv if arg.startswith('--config=')), default_config)
+  path, _, preset = file.partition(':')
+  config = runpy.run_path(path)['get_config'](preset)  # as the file gives it, before the overrides
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key, _, value = arg.removeprefix('--config.').partition('=')
+      cfg.check_key(config, key, value or None)
+  raise refused

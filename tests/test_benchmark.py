@@ -152,6 +152,11 @@ def test_validation_names_the_key():
   with pytest.raises(ConfigError, match='grain_dataset'):
     benchmark.validate(config)
   config = get_config('smoke')
+  config.models = ('conv4',)
+  config.batch_sizes.digit_cnn = 0  # the digit CNN runs the members, chunks and grain sections anyway
+  with pytest.raises(ConfigError, match='batch_sizes.digit_cnn = 0'):
+    benchmark.validate(config)
+  config = get_config('smoke')
   config.profile_dir = 'README.md/traces'  # under a file: refused before any compute
   with pytest.raises(ConfigError, match='profile_dir.*a file, not a directory'):
     benchmark.validate(config)

@@ -104,6 +104,8 @@ def test_unknown_name_lists_the_allowed_names(key, value, known):
     ('seeds', 0),
     ('chunk_steps', 0),
     ('l2sp.alpha', -0.01),
+    ('pretrain.batch_size', 0),
+    ('eval_batch_size', -8),  # a multiple of any device count, yet no batch
 ])
 def test_non_positive_values_are_refused(key, value):
   config = get_config('smoke')
@@ -218,17 +220,36 @@ def test_distributed_keys_are_checked(key, value):
 # Command line -----------------------------------------------------------------------------------
 
 def test_command_line_refuses_unknown_keys(tmp_path):
-  """config_flags with lock_config=True: a typo in an override fails at parse time, before compute."""
+  """config_flags with lock_config=True: a typo in an override fails at parse time, before compute,
+  with a ConfigError that names the flag and the key it likely meant."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.transfer', '--config=experiments/configs/transfer.py:smoke',
-       '--config.not_a_key=1', f'--config.workdir={tmp_path / "work"}',
+       '--config.finetune.stpes=10', f'--config.workdir={tmp_path / "work"}',
        f'--config.results_dir={tmp_path / "results"}', '--config.compile_cache=',
        '--config.wandb.mode=disabled'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert 'not_a_key' in result.stderr
+  assert ("ConfigError: config.finetune.stpes = '10' is not allowed; allowed: the keys of config.finetune: "
+          in result.stderr and 'did you mean --config.finetune.steps?' in result.stderr), result.stderr[-2000:]
   assert not (tmp_path / 'work').exists() and not (tmp_path / 'results').exists()
+
+
+@pytest.mark.parametrize('key, allowed, guess', [
+    ('modle', "the keys of config: ['checkpoint_every',", '--config.model?'),
+    ('pretrian.steps', 'the keys of config: ', '--config.pretrain.steps?'),
+    ('wandb.mdoe', "the keys of config.wandb: ['mode', 'project']", '--config.wandb.mode?'),
+    ('seeds.count', 'no key below config.seeds: it holds a value', None),
+    ('zzzz', 'the keys of config: ', None),
+])
+def test_unknown_keys_name_the_keys_there_and_the_nearest(key, allowed, guess):
+  config = get_config('smoke')
+  with pytest.raises(ConfigError) as info:
+    cfg.check_key(config, key, '1')
+  message = str(info.value)
+  assert message.startswith(f"config.{key} = '1' is not allowed; allowed: {allowed}"), message
+  assert (f'did you mean {guess}' in message) if guess else 'did you mean' not in message
+  cfg.check_key(config, 'finetune.steps')  # a known key passes
 
 
 def test_multi_host_without_a_cluster_says_which_keys_to_give(tmp_path):
