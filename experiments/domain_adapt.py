@@ -77,6 +77,7 @@ def validate(config):
     raise cfg.ConfigError('fit_size', config.fit_size, f'1..image_size ({config.image_size})')
   cfg.check_batch_fits_devices(config, 'train.batch_size')
   cfg.check_batch_fits_devices(config, 'eval_batch_size')
+  cfg.check_type(config, 'validation_fraction', float)
   if not 0 < config.validation_fraction < 1:
     raise cfg.ConfigError('validation_fraction', config.validation_fraction, 'a fraction in (0, 1)')
 

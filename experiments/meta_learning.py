@@ -43,6 +43,7 @@ def validate(config):
   cfg.check_choice(config, 'methods', METHODS)
   cfg.check_choice(config, 'model', models.MODELS.names())
   cfg.check_choice(config, 'task_mode', ml.TASK_MODES)
+  cfg.check_type(config, 'dataset', str)
   name = config.dataset
   if name.partition('/')[0] not in data.DATASETS and name not in data.CATALOG:
     raise ConfigError('dataset', name, data.DATASETS.names() + list(data.CATALOG))

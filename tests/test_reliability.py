@@ -1,6 +1,7 @@
 """Nothing lost on a kill, a full disk or a bad config: the guarantees of the README's
 "What is guaranteed" section, tested as a user meets them."""
 
+import importlib
 import json
 import os
 import random
@@ -12,12 +13,11 @@ from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
+import ml_collections
 import pytest
 
 from cnnjax import tracking
 from cnnjax.errors import ConfigError
-from experiments import transfer
-from experiments.configs.transfer import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,19 +77,24 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == ['table.csv']  # no temp file left behind
 
 
-KEYS = ['seeds', 'model', 'methods', 'source', 'targets', 'labels_per_class', 'chunk_steps', 'eval_every',
-        'checkpoint_every', 'side_by_side', 'fit_size', 'pretrain.steps', 'pretrain.batch_size',
-        'pretrain.learning_rate', 'finetune.steps', 'finetune.learning_rate', 'l2sp.alpha', 'wandb.mode']
+EXPERIMENTS = ('transfer', 'domain_adapt', 'meta_learning', 'benchmark')
+DIRECTORIES = ('workdir', 'results_dir', 'data_dir', 'compile_cache', 'profile_dir')  # checked by writing: tests/test_config.py
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                    st.text(max_size=12), st.lists(st.one_of(st.integers(-3, 30), st.text(max_size=6)), max_size=3))
 
 
-@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
-@hypothesis.given(key=st.sampled_from(KEYS), value=VALUES, preset=st.sampled_from(['smoke', 'default', 'paper']))
-def test_any_config_value_is_accepted_or_refused_with_a_config_error(key, value, preset):
-  """Set one key to anything: validation passes or raises ConfigError (or the ConfigDict's own
-  TypeError for a value of the wrong type) — never an error from deep inside."""
-  config = get_config(preset)
+def leaf_keys(config, prefix=''):
+  """The dotted keys of every value in `config`."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from leaf_keys(value, f'{prefix}{key}.')
+    elif key not in DIRECTORIES:
+      yield prefix + key
+
+
+def accepted_or_refused(validate, config, key, value):
+  """Set `key` to `value`: validation passes or raises ConfigError naming the key (or the
+  ConfigDict's own TypeError for a value of the wrong type) — never an error from deep inside."""
   *parents, leaf = key.split('.')
   node = config
   for parent in parents:
@@ -99,6 +104,24 @@ def test_any_config_value_is_accepted_or_refused_with_a_config_error(key, value,
   except TypeError:
     return  # ml_collections refuses a value of another type, naming the field
   try:
-    transfer.validate(config)
+    validate(config)
   except ConfigError as error:
     assert error.key in str(error)
+
+
+@pytest.mark.parametrize('experiment', EXPERIMENTS)
+def test_any_config_value_is_accepted_or_refused_with_a_config_error(experiment):
+  """Every key of every experiment set to each of a few edge values, then any key to anything."""
+  module, configs = (importlib.import_module(f'{package}.{experiment}')
+                     for package in ('experiments', 'experiments.configs'))
+  keys = sorted(leaf_keys(configs.get_config('smoke')))
+  for key in keys:
+    for value in (None, '', 0, -1, True, ()):
+      accepted_or_refused(module.validate, configs.get_config('smoke'), key, value)
+
+  @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None)
+  @hypothesis.given(key=st.sampled_from(keys), value=VALUES, preset=st.sampled_from(['smoke', 'default', 'paper']))
+  def set_one_key(key, value, preset):
+    accepted_or_refused(module.validate, configs.get_config(preset), key, value)
+
+  set_one_key()
