@@ -134,6 +134,10 @@ class Transfer:
       if splits['train']['image'].shape[-1] != channels:
         raise DataError(f'{name} images have {splits["train"]["image"].shape[-1]} channels but the source '
                         f'{config.source} has {channels}: the backbone cannot transfer between them')
+      fewest = int(np.unique(splits['train']['label'], return_counts=True)[1].min())
+      if max(config.labels_per_class, default=0) > fewest:  # refused before any cell trains
+        raise cfg.ConfigError('labels_per_class', max(config.labels_per_class), f'at most {fewest} (0 = all labels)',
+                          f"{name}'s smallest class has {fewest} training examples")
     self.channels = channels
     self.seeds = list(range(config.seeds))
 

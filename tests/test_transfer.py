@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from cnnjax import tracking
-from cnnjax.errors import DataError
-from experiments import transfer
+from cnnjax.errors import ConfigError, DataError
+from cnnjax.train import sharding
+from experiments import runner, transfer
 from experiments.configs.transfer import get_config
 from experiment_cli import flags, on_mock_data, run
 
@@ -133,6 +134,14 @@ def test_labelled_subset_draws_k_per_class_by_seed():
   assert int(everything['count']) == 20 and sorted(np.asarray(everything['index']).tolist()) == list(range(20))
   with pytest.raises(DataError, match='fewer than 6 labels per class'):
     transfer.labelled_subset(labels, 6, seed=0)
+
+
+def test_more_labels_per_class_than_the_target_has_fail_before_training(tmp_path):
+  config = get_config('smoke')
+  config.labels_per_class, config.workdir = (5, 1000), str(tmp_path)
+  with pytest.raises(ConfigError, match=r"labels_per_class = 1000 .* at most 1\d\d .* sklearn_digits's smallest class"):
+    transfer.Transfer(runner.Experiment('transfer', config, sharding.make_mesh()))
+  assert not any(tmp_path.iterdir())
 
 
 def test_device_batch_size_fits_small_subsets():
