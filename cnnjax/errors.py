@@ -4,7 +4,11 @@
 class ConfigError(ValueError):
   """A configuration value is wrong: names the key, the value and what is allowed."""
 
-  def __init__(self, key, value, allowed, hint=''):
+  def __init__(self, key, value=None, allowed=None, hint=''):
+    if allowed is None:  # one argument, a whole message: config_flags re-raises get_config's errors so
+      self.key = self.value = self.allowed = None
+      super().__init__(key)
+      return
     self.key, self.value, self.allowed = key, value, allowed
     message = f'config.{key} = {value!r} is not allowed; allowed: {allowed}'
     super().__init__(message + (f'. {hint}' if hint else ''))

@@ -75,6 +75,17 @@ def test_unknown_preset_names_preset_and_choices():
     assert name in str(info.value)
 
 
+def test_unknown_preset_on_the_command_line_keeps_its_message(monkeypatch):
+  """config_flags re-raises an error of get_config as type(error)(message): a ConfigError survives it."""
+  argv = ['transfer', f'--config={REPO / "experiments" / "configs" / "transfer.py"}:huge']
+  monkeypatch.setattr(sys, 'argv', argv)  # config_flags reads the overrides from sys.argv
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True)
+  with pytest.raises(flags.IllegalFlagValueError, match=r"ConfigError: config.preset = 'huge' is not allowed; "
+                                                          r"allowed: \['smoke', 'default', 'paper'\]"):
+    values(argv)
+
+
 # Names ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('key, value, known', [
