@@ -174,6 +174,7 @@ class DomainAdapt:
       raise DataError(f'the domains have images of several shapes after preprocessing: {sorted(shapes)}')
     self.image_shape = shapes.pop()
     self.num_classes = len(domains.label_names(domains.parse_shift(c.shifts[0])[0], self.shape['data_dir']))
+    models.check_classifier(c.model, lambda: self.build('source_only', 0).classifier, self.image_shape)
     self.train_capacity = max(len(a['label']) for (_, split), a in self.splits.items() if split == 'train')
     eval_sizes = [self._eval_size(shift, oracle) for shift in c.shifts for oracle in (False, True)]
     self.eval_capacity = -(-max(eval_sizes) // c.eval_batch_size) * c.eval_batch_size

@@ -56,8 +56,13 @@ def validate(config):
     if (not isinstance(setting, (list, tuple)) or len(setting) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in setting) or setting[0] < 2):
       raise ConfigError('settings', setting, '(ways >= 2, shots >= 1) pairs')
-  if config.label_ranges and len(config.label_ranges) != 3:
-    raise ConfigError('label_ranges', config.label_ranges, '() or three (lo, hi) label ranges: train, val, test')
+  def is_range(r):
+    return (isinstance(r, (list, tuple)) and len(r) == 2 and not any(isinstance(v, bool) for v in r)
+            and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1])
+
+  if config.label_ranges and (len(config.label_ranges) != 3 or not all(map(is_range, config.label_ranges))):
+    raise ConfigError('label_ranges', config.label_ranges, '() or three (lo, hi) label ranges, 0 <= lo < hi: '
+                      'train, val, test')
   for method in ('protonet', 'baseline', *ADAPTING):
     for key in ('steps', 'learning_rate'):
       cfg.check_positive(config, f'{method}.{key}')
@@ -211,6 +216,7 @@ class MetaLearning:
     self.test_episodes = {(w, k): EpisodeSampler(self.parts['test']['label'], w, k, c.test_queries, 'meta-test')
                           .sample(c.test_episodes, [TEST_SEED, w, k]) for w, k in c.settings}
     self.evaluator = Evaluator(c)
+    models.check_classifier(c.model, lambda: self.build(2, 0), self.parts['train']['image'].shape[1:])
 
   def build(self, num_classes, seed):
     return models.build(self.config.model, num_classes=num_classes, seed=seed, width=self.config.width,

@@ -119,6 +119,9 @@ def test_unknown_name_lists_the_embedded_names(tmp_path):
   with pytest.raises(ConfigError, match='mnist_5k.*sklearn_digits') as e:
     data.data_source('mnist_6k', 'train', tmp_path)
   assert e.value.key == 'dataset' and e.value.value == 'mnist_6k'
+  with pytest.raises(ConfigError, match=r"'kanji_glyphs/huge' .*'kanji_glyphs/small'.* no builder config 'huge'"):
+    data.data_source('kanji_glyphs/huge', 'train', tmp_path)
+  assert not any(tmp_path.iterdir())  # refused before anything is built
 
 
 def test_unprepared_catalog_dataset_says_how_to_prepare_it(tmp_path):

@@ -103,7 +103,7 @@ def test_domain_names_shapes_and_checks():
   assert domains.parse_shift('a -> b') == ('a', 'b')
   with pytest.raises(ConfigError, match='SOURCE->TARGET'):
     domains.parse_shift('mnist_5k')
-  with pytest.raises(ConfigError, match='ANGLE'):
+  with pytest.raises(ConfigError, match=r"config.shifts = 'mnist@x' is not allowed; allowed: NAME or NAME@ANGLE"):
     domains.parse_domain('mnist@x')
   grey = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
   assert domains.to_shape(grey, 28, 20, 3).shape == (3, 28, 28, 3)

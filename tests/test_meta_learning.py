@@ -170,6 +170,11 @@ def test_config_errors_before_compute():
   config.methods = ('protonet', 'matching_net')
   with pytest.raises(ConfigError, match='matching_net'):
     validate(config)
+  for ranges in (((0, 10), (10, 20), (20, 10)), ((0, 10), (10, 20)), ((0, 10), (10, 20), (20, 30.0))):
+    config = get_config('smoke')
+    config.label_ranges = ranges
+    with pytest.raises(ConfigError, match=r'label_ranges = .* 0 <= lo < hi'):
+      validate(config)
 
 
 # kanji_glyphs -----------------------------------------------------------------------------------

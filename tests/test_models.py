@@ -108,6 +108,18 @@ def test_unknown_model_lists_the_models():
     assert name in str(info.value)
 
 
+@pytest.mark.parametrize('name, kwargs, shape, allowed', [
+    ('unet', {}, (32, 32, 1), r'a classifier: a backbone of stages and a linear head.*unet builds a UNet'),
+    ('kim_cnn', {'channels': 1}, (28, 28, 1), r"a model whose builder takes this experiment's arguments.*'channels'"),
+    ('alexnet', {'channels': 1}, (28, 28, 1), r'a classifier of \(28, 28, 1\) images.*3x3 max pooling'),
+])
+def test_experiments_refuse_models_they_cannot_take_apart_or_feed(name, kwargs, shape, allowed):
+  """Transfer, adaptation and meta-learning split a `Classifier` into backbone and head."""
+  with pytest.raises(ConfigError, match=rf"config.model = '{name}' is not allowed; allowed: {allowed}"):
+    models.check_classifier(name, lambda: models.build(name, num_classes=3, **kwargs), shape)
+  models.check_classifier('digit_cnn', lambda: models.build('digit_cnn', num_classes=3), (28, 28, 1))
+
+
 def test_traced_builds_do_not_walk_the_trace_for_each_parameter(monkeypatch):
   """flax probes `.sharding` on every value it assigns; JAX's answer on a tracer walks every
   equation traced so far (quadratic construction under nnx.eval_shape). `models.build` answers

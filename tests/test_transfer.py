@@ -144,6 +144,14 @@ def test_more_labels_per_class_than_the_target_has_fail_before_training(tmp_path
   assert not any(tmp_path.iterdir())
 
 
+def test_a_model_that_is_no_classifier_fails_before_training(tmp_path):
+  config = get_config('smoke')
+  config.model, config.workdir = 'unet', str(tmp_path)
+  with pytest.raises(ConfigError, match="config.model = 'unet' is not allowed; allowed: a classifier"):
+    transfer.Transfer(runner.Experiment('transfer', config, sharding.make_mesh()))
+  assert not any(tmp_path.iterdir())
+
+
 def test_device_batch_size_fits_small_subsets():
   devices = jax.device_count()
   for wanted, n in ((32, 10), (32, 100), (8 * devices, 3 * devices + 1)):

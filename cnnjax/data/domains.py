@@ -24,7 +24,7 @@ def parse_domain(spec):
   try:
     return name, tuple(float(a) for a in angles.split(',')) if angles else ()
   except ValueError as e:
-    raise ConfigError('domain', spec, 'NAME or NAME@ANGLE,ANGLE,... (rotations in degrees)') from e
+    raise ConfigError('shifts', spec, 'NAME or NAME@ANGLE,ANGLE,... (rotations in degrees) on either side of ->') from None
 
 
 def parse_shift(spec):

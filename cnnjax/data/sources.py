@@ -98,6 +98,10 @@ def _prepared_embedded(name, data_dir):
   """The embedded builder, prepared as array_record; a file lock keeps two processes from racing."""
   name, _, config = name.partition('/')
   module = _import_builder(DATASETS.get(name, 'dataset'))
+  configs = [c.name for c in module.Builder.BUILDER_CONFIGS]
+  if config and config not in configs:
+    raise ConfigError('dataset', f'{name}/{config}', [name, *(f'{name}/{c}' for c in configs)],
+                      f'{name} has no builder config {config!r}')
   options = {'config': config} if config else {}
   b = module.Builder(data_dir=data_dir, **options)
   if b.is_prepared():

@@ -9,10 +9,10 @@ module in this package registers its models on import; `SPECS[name]` says how to
 import importlib
 import pkgutil
 
-from cnnjax.models.registry import MODELS, SPECS, Spec, build, count_params, trainable_paths
+from cnnjax.models.registry import MODELS, SPECS, Spec, build, check_classifier, count_params, trainable_paths
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name not in ('registry', '__main__'):
     importlib.import_module(f'{__name__}.{_module.name}')
 
-__all__ = ['MODELS', 'SPECS', 'Spec', 'build', 'count_params', 'trainable_paths']
+__all__ = ['MODELS', 'SPECS', 'Spec', 'build', 'check_classifier', 'count_params', 'trainable_paths']

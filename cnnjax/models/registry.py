@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.errors import ConfigError
 from cnnjax.registry import Registry
 
 MODELS = Registry('model')
@@ -72,6 +73,23 @@ def brief_tracer_sharding_errors():
       del tracer.sharding
     else:
       tracer.sharding = original
+
+
+def check_classifier(name, build, image_shape, key='model'):
+  """`build()`, the model `name` as an experiment builds it, makes a `Classifier` (which transfer
+  and adaptation take apart into backbone and head) that takes images of `image_shape`; else a
+  ConfigError, before any compute. On abstract shapes: nothing is allocated or compiled."""
+  try:
+    model = nnx.eval_shape(build)
+  except TypeError as error:  # an argument this model's builder does not take
+    raise ConfigError(key, name, "a model whose builder takes this experiment's arguments", str(error)) from None
+  if not isinstance(model, Classifier):
+    raise ConfigError(key, name, 'a classifier: a backbone of stages and a linear head (cnnjax.models.Classifier)',
+                      f'{name} builds a {type(model).__name__}')
+  try:
+    jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+  except (TypeError, ValueError) as error:
+    raise ConfigError(key, name, f'a classifier of {tuple(image_shape)} images', str(error)) from None
 
 
 def count_params(name, **kwargs):
