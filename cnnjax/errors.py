@@ -5,7 +5,7 @@ class ConfigError(ValueError):
   """A configuration value is wrong: names the key, the value and what is allowed."""
 
   def __init__(self, key, value=None, allowed=None, hint=''):
-    if allowed is None:  # one argument, a whole message: config_flags re-raises get_config's errors so
+    if allowed is None:  # a whole message: config_flags re-raises get_config's errors as type(error)(message)
       self.key = self.value = self.allowed = None
       super().__init__(key)
       return

@@ -137,7 +137,7 @@ class Transfer:
       fewest = int(np.unique(splits['train']['label'], return_counts=True)[1].min())
       if max(config.labels_per_class, default=0) > fewest:  # refused before any cell trains
         raise cfg.ConfigError('labels_per_class', max(config.labels_per_class), f'at most {fewest} (0 = all labels)',
-                          f"{name}'s smallest class has {fewest} training examples")
+                              f"{name}'s smallest class has {fewest} training examples")
     self.channels = channels
     models.check_classifier(config.model, lambda: self.build(2, 0), self.source['train']['image'].shape[1:])
     self.seeds = list(range(config.seeds))
