@@ -230,23 +230,26 @@ def command_line(experiment, main):
   from absl import app
   from ml_collections import config_flags
   default = f'experiments/configs/{experiment}.py'
-  config = config_flags.DEFINE_config_file('config', default, lock_config=True)
-  app.run(lambda argv: main(config.value), flags_parser=lambda argv: parse_flags(argv, default))
+  # Without --config the default file is read here, with the overrides; with it, when app.run parses.
+  config = refusing_unknown_keys(lambda: config_flags.DEFINE_config_file('config', default, lock_config=True),
+                                 sys.argv, default)
+  app.run(lambda argv: main(config.value),
+          flags_parser=lambda argv: refusing_unknown_keys(lambda: app.parse_flags_with_usage(argv), argv, default))
 
 
-def parse_flags(argv, default_config):
-  """absl's flag parsing, but an override of a key the config lacks (a typo) is a ConfigError that
-  names the flag and the keys it could be (ml_collections raises a bare AttributeError)."""
-  from absl import app
+def refusing_unknown_keys(parse, argv, default_config):
+  """`parse()`, but an override of a key the config lacks (a typo) is a ConfigError that names the
+  flag and the keys it could be (ml_collections raises a bare AttributeError or KeyError)."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return parse()
   except (AttributeError, KeyError) as error:
     refused = error
-  file = next((arg.removeprefix('--config=') for arg in argv if arg.startswith('--config=')), default_config)
-  path, _, preset = file.partition(':')
+  given = [(flag, value if equals else following)  # --FLAG=VALUE or --FLAG VALUE
+           for arg, following in zip(argv[1:], [*argv[2:], None]) if arg.startswith('--config')
+           for flag, equals, value in [arg.partition('=')]]
+  path, _, preset = next((value for flag, value in given if flag == '--config'), default_config).partition(':')
   config = runpy.run_path(path)['get_config'](preset)  # as the file gives it, before the overrides
-  for arg in argv[1:]:
-    if arg.startswith('--config.'):
-      key, _, value = arg.removeprefix('--config.').partition('=')
-      cfg.check_key(config, key, value or None)
+  for flag, value in given:
+    if flag.startswith('--config.'):
+      cfg.check_key(config, flag.removeprefix('--config.'), value)
   raise refused

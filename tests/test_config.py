@@ -246,6 +246,22 @@ def test_command_line_refuses_unknown_keys(tmp_path):
   assert not (tmp_path / 'work').exists() and not (tmp_path / 'results').exists()
 
 
+def test_unknown_keys_are_named_with_or_without_the_config_flag():
+  """Without --config the default file is parsed when the flag is defined; with it, by app.run."""
+  from experiments import runner
+  default = str(REPO / 'experiments' / 'configs' / 'transfer.py')
+
+  def parse():
+    raise AttributeError('bare')  # what ml_collections raises for an unknown override
+
+  for argv in (['transfer', '--config.wandb.mdoe=y'],
+               ['transfer', '--config', f'{default}:smoke', '--config.wandb.mdoe', 'y']):
+    with pytest.raises(ConfigError, match=r"config.wandb.mdoe = 'y' .* did you mean --config.wandb.mode\?"):
+      runner.refusing_unknown_keys(parse, argv, default)
+  with pytest.raises(AttributeError, match='bare'):  # every key known: the parser's own error
+    runner.refusing_unknown_keys(parse, ['transfer', '--config.seeds=2'], default)
+
+
 @pytest.mark.parametrize('key, allowed, guess', [
     ('modle', "the keys of config: ['checkpoint_every',", '--config.model?'),
     ('pretrian.steps', 'the keys of config: ', '--config.pretrain.steps?'),
