@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import re
 import tempfile
 from pathlib import Path
@@ -67,6 +68,11 @@ def check_choice(config, key, choices, hint=''):
   for v in values:
     if not isinstance(v, collections.abc.Hashable) or v not in choices:
       raise ConfigError(key, v, sorted(choices), hint)
+
+
+def is_count(value, least=0):
+  """A whole number (an int or a numpy integer, not a bool) of at least `least`."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
 def check_positive(config, key, allow_zero=False):

@@ -61,7 +61,7 @@ def validate(config):
   for key, least in (('members', 1), ('grain_workers', 0)):
     cfg.check_type(config, key, (list, tuple))
     for value in config[key]:
-      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      if not cfg.is_count(value, least):
         raise cfg.ConfigError(key, value, f'integers >= {least}')
   cfg.check_choice(config, 'member_modes', steps.MEMBER_MODES[1:])
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))

@@ -54,15 +54,12 @@ def validate(config):
   cfg.check_type(config, 'settings', (list, tuple))
   for setting in config.settings:
     if (not isinstance(setting, (list, tuple)) or len(setting) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in setting) or setting[0] < 2):
+        or not all(cfg.is_count(v, 1) for v in setting) or setting[0] < 2):
       raise ConfigError('settings', setting, '(ways >= 2, shots >= 1) pairs')
-  def is_range(r):
-    return (isinstance(r, (list, tuple)) and len(r) == 2 and not any(isinstance(v, bool) for v in r)
-            and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1])
-
-  if config.label_ranges and (len(config.label_ranges) != 3 or not all(map(is_range, config.label_ranges))):
-    raise ConfigError('label_ranges', config.label_ranges, '() or three (lo, hi) label ranges, 0 <= lo < hi: '
-                      'train, val, test')
+  ranges = config.label_ranges
+  if ranges and (len(ranges) != 3 or not all(isinstance(r, (list, tuple)) and len(r) == 2
+                                             and all(map(cfg.is_count, r)) and r[0] < r[1] for r in ranges)):
+    raise ConfigError('label_ranges', ranges, '() or three (lo, hi) label ranges, 0 <= lo < hi: train, val, test')
   for method in ('protonet', 'baseline', *ADAPTING):
     for key in ('steps', 'learning_rate'):
       cfg.check_positive(config, f'{method}.{key}')

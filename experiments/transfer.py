@@ -34,7 +34,7 @@ def validate(config):
   cfg.check_choice(config, 'targets', known)
   cfg.check_type(config, 'labels_per_class', (list, tuple))
   for k in config.labels_per_class:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    if not cfg.is_count(k):
       raise cfg.ConfigError('labels_per_class', k, 'integers >= 0 (0 = all labels)')
   for phase in ('pretrain', 'finetune'):
     cfg.check_type(config, f'{phase}.steps', int)
@@ -135,8 +135,8 @@ class Transfer:
         raise DataError(f'{name} images have {splits["train"]["image"].shape[-1]} channels but the source '
                         f'{config.source} has {channels}: the backbone cannot transfer between them')
       fewest = int(np.unique(splits['train']['label'], return_counts=True)[1].min())
-      if max(config.labels_per_class, default=0) > fewest:  # refused before any cell trains
-        raise cfg.ConfigError('labels_per_class', max(config.labels_per_class), f'at most {fewest} (0 = all labels)',
+      if (most := max(config.labels_per_class, default=0)) > fewest:  # refused before any cell trains
+        raise cfg.ConfigError('labels_per_class', most, f'at most {fewest} (0 = all labels)',
                               f"{name}'s smallest class has {fewest} training examples")
     self.channels = channels
     models.check_classifier(config.model, lambda: self.build(2, 0), self.source['train']['image'].shape[1:])

@@ -10,6 +10,7 @@ meta-val and meta-test must not share a class (`check_disjoint`).
 
 import numpy as np
 
+from cnnjax.config import is_count
 from cnnjax.errors import ConfigError, DataError
 
 
@@ -28,7 +29,7 @@ class EpisodeSampler:
   def __init__(self, labels, ways, shots, queries, name='split'):
     labels = np.asarray(labels)
     for key, value, least in (('ways', ways, 2), ('shots', shots, 1), ('queries', queries, 1)):
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      if not is_count(value, least):
         raise ConfigError(key, value, f'an integer >= {least}')
     self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
     self.classes, counts = np.unique(labels, return_counts=True)
