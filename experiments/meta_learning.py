@@ -210,14 +210,36 @@ class MetaLearning:
     self.parts = load_parts(c)
     self.train_labels = dense_labels(self.parts['train']['label'])
     self.seeds = list(range(c.seeds))
-    self.test_episodes = {(w, k): EpisodeSampler(self.parts['test']['label'], w, k, c.test_queries, 'meta-test')
-                          .sample(c.test_episodes, [TEST_SEED, w, k]) for w, k in c.settings}
+    self.samplers = self.episode_samplers()
+    self.test_episodes = {(w, k): self.samplers['test', w, k, c.test_queries].sample(c.test_episodes, [TEST_SEED, w, k])
+                          for w, k in c.settings}
     self.evaluator = Evaluator(c)
     models.check_classifier(c.model, lambda: self.build(2, 0), self.parts['train']['image'].shape[1:])
 
   def build(self, num_classes, seed):
     return models.build(self.config.model, num_classes=num_classes, seed=seed, width=self.config.width,
                         size=self.config.image_size, dtype=self.config.compute_dtype)
+
+  def episode_samplers(self):
+    """{(part, ways, shots, queries): EpisodeSampler} for every episode the cells draw, built before
+    any training so that counts a part cannot give fail at once, naming the keys they came from."""
+    c, wanted = self.config, {}
+    setting_keys = ('settings (ways)', 'settings (shots)', 'test_queries')
+    for w, k in c.settings:
+      wanted['test', w, k, c.test_queries] = setting_keys
+    for cell in self.cells():
+      method = cell.config['method']
+      if method in ('protonet', 'baseline'):  # meta-val at the smallest setting
+        wanted[('val', *min(map(tuple, c.settings)), c.test_queries)] = setting_keys
+      if method == 'protonet':
+        p = c.protonet
+        wanted['train', p.ways, p.shots, p.queries] = ('protonet.ways', 'protonet.shots', 'protonet.queries')
+      elif method in ADAPTING:
+        m, ways = c[method], cell.config['ways']
+        wanted['train', ways, m.shots, m.queries] = (f'{method}.train_ways', f'{method}.shots', f'{method}.queries')
+        wanted['val', ways, m.shots, c.test_queries] = (f'{method}.train_ways', f'{method}.shots', 'test_queries')
+    return {key: EpisodeSampler(self.parts[key[0]]['label'], *key[1:], f'meta-{key[0]}', keys)
+            for key, keys in wanted.items()}
 
   def cells(self):
     c, cells = self.config, []
@@ -244,10 +266,9 @@ class MetaLearning:
   def episode_source(self, ways, shots, queries, count, tasks=None):
     """Training episodes of every seed, drawn in advance: indices (seeds, count[, tasks], n) into
     the meta-train images, support first, then queries, both class-major."""
-    sampler = EpisodeSampler(self.parts['train']['label'], ways, shots, queries, 'meta-train')
     per_seed = []
     for seed in self.seeds:
-      drawn = sampler.sample(count * (tasks or 1), [seed, ways, shots, queries])
+      drawn = self.samplers['train', ways, shots, queries].sample(count * (tasks or 1), [seed, ways, shots, queries])
       both = np.concatenate([drawn['support'], drawn['query']], axis=1)
       per_seed.append(both.reshape(count, tasks, -1) if tasks else both)
     return {'images': self.parts['train']['image'], 'episodes': np.stack(per_seed)}
@@ -312,8 +333,7 @@ class MetaLearning:
     val_setting = tuple(min(map(tuple, c.settings)))
     graphdef = train_state.split_model(models_[0])[0]
     step = steps.make_train_step(graphdef, tx, loss_fn)
-    val = EpisodeSampler(self.parts['val']['label'], *val_setting, c.test_queries, 'meta-val').sample(
-        c.val_episodes, [TEST_SEED, 1])
+    val = self.samplers[('val', *val_setting, c.test_queries)].sample(c.val_episodes, [TEST_SEED, 1])
 
     def accuracies(member, part, episodes_by_setting):
       features = self.evaluator.embed(graphdef, member.params, member.model_state, self.parts[part]['image'])
@@ -367,8 +387,7 @@ class MetaLearning:
                                                     'update_norm': optax.tree.norm(updates)}
       test_lr = m.inner_learning_rate
     source = self.episode_source(ways, m.shots, m.queries, m.steps, tasks=m.tasks)
-    val = EpisodeSampler(self.parts['val']['label'], ways, m.shots, c.test_queries, 'meta-val').sample(
-        c.val_episodes, [TEST_SEED, 1])
+    val = self.samplers['val', ways, m.shots, c.test_queries].sample(c.val_episodes, [TEST_SEED, 1])
     adapt = dict(steps=m.test_inner_steps, lr=test_lr)
 
     def evaluate(states):

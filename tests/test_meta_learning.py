@@ -177,6 +177,28 @@ def test_config_errors_before_compute():
       validate(config)
 
 
+
+@pytest.mark.parametrize('key, value, message', [
+    ('maml.shots', 25, r'config.maml.shots = 25 .*maml.shots \+ maml.queries <= 20.*meta-train class'),
+    ('protonet.ways', 500, r'config.protonet.ways = 500 .*the number of classes in meta-train'),
+    ('settings', ((5, 1), (500, 1)), r'config.settings \(ways\) = 500 .*the number of classes in meta-test'),
+    ('test_queries', 20, r'config.test_queries = 20 .*settings \(shots\) \+ test_queries <= 20'),
+])
+def test_episodes_the_data_cannot_give_fail_before_training_naming_their_key(tmp_path, key, value, message):
+  """kanji_glyphs/small: 20 drawings of each character; the counts come from several keys."""
+  from experiments import meta_learning, runner
+  from experiments.configs.meta_learning import get_config
+  from cnnjax.train import sharding
+  config = get_config('smoke')
+  config.workdir = str(tmp_path)
+  *parents, last = key.split('.')
+  (config[parents[0]] if parents else config)[last] = value
+  if key == 'settings':
+    config.methods = ('protonet',)
+  with pytest.raises(ConfigError, match=message):
+    meta_learning.MetaLearning(runner.Experiment('meta_learning', config, sharding.make_mesh()))
+  assert not any(tmp_path.iterdir())
+
 # kanji_glyphs -----------------------------------------------------------------------------------
 
 def test_stroke_paths_parse_absolute_relative_and_smooth_curves():

@@ -23,22 +23,24 @@ class EpisodeSampler:
   """Episodes over the examples of one split: `labels[i]` is example i's class.
 
   `sample(count, seed)` -> {'support': (count, ways*shots), 'query': (count, ways*queries)} int32
-  indices into the split. Fails at construction when the split cannot give such episodes.
+  indices into the split. Fails at construction when the split cannot give such episodes; the error
+  names the counts by `keys` (the config keys they came from).
   """
 
-  def __init__(self, labels, ways, shots, queries, name='split'):
+  def __init__(self, labels, ways, shots, queries, name='split', keys=('ways', 'shots', 'queries')):
     labels = np.asarray(labels)
-    for key, value, least in (('ways', ways, 2), ('shots', shots, 1), ('queries', queries, 1)):
+    for key, value, least in zip(keys, (ways, shots, queries), (2, 1, 1)):
       if not is_count(value, least):
         raise ConfigError(key, value, f'an integer >= {least}')
     self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
     self.classes, counts = np.unique(labels, return_counts=True)
     if self.ways > len(self.classes):
-      raise ConfigError('ways', ways, f'at most {len(self.classes)}, the number of classes in {name}')
+      raise ConfigError(keys[0], ways, f'at most {len(self.classes)}, the number of classes in {name}')
     need = self.shots + self.queries
     if need > counts.min():
       poorest = self.classes[np.argmin(counts)]
-      raise ConfigError('shots', shots, f'shots + queries <= {counts.min()}',
+      key, value = (keys[2], queries) if self.queries >= counts.min() else (keys[1], shots)  # the likelier culprit
+      raise ConfigError(key, value, f'{keys[1]} + {keys[2]} <= {counts.min()}',
                         f'{name} class {poorest} has {counts.min()} examples, fewer than {shots} shots + '
                         f'{queries} queries')
     order = np.argsort(labels, kind='stable')
