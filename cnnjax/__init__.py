@@ -9,7 +9,7 @@ batches (digit CNN at batch 32: 15 -> 21-29 ms/step). A value already in XLA_FLA
 (`--xla_cpu_experimental_ynn_fusion_type=` turns the fusions off); the flag does nothing on GPUs,
 nor once JAX's CPU backend has started, and is not set where an accelerator plugin is installed
 (libtpu, or JAX's CUDA plugin: their runtimes parse XLA_FLAGS with their own flag lists, which may
-lack it). README: Benchmark.
+lack it). Measurements: results/benchmark/NOTES.md.
 """
 
 import importlib.util

@@ -8,7 +8,7 @@ chunk at batch 128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35) glibc asks the kernel for 2 MB transparent
 huge pages there (madvise) and those calls fault ~400, ~400 and ~2,400 times. glibc reads the
 tunable when a process starts: ./run.sh sets it, and an experiment started otherwise says how
-(runner.setup). Measured in experiments/benchmark.py (`huge pages` rows); README: Benchmark.
+(runner.setup). Measured in experiments/benchmark.py (`huge pages` rows); notes in results/benchmark/NOTES.md.
 """
 
 import platform

@@ -65,7 +65,7 @@ def residual_relu(y, shortcut):
   full-size operands, which XLA:CPU computes once. With the ReLU last, XLA treats the block output as
   free to recompute and rebuilds the residual stream back to the stage's first block inside every
   consumer, among them the transposes that feed the weight-gradient convolutions (~half the ResNet-20
-  step on 2 CPU cores). README: Benchmark."""
+  step on 2 CPU cores). Measurements: results/benchmark/NOTES.md."""
   return jnp.where(y > -shortcut, y, -shortcut) + shortcut
 
 

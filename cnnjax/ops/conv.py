@@ -18,7 +18,7 @@ Models use oneDNN where it beats XLA: on CPUs where oneDNN has direct kernels fo
 or on for a process; `xla_convolutions()` and `onednn_convolutions()` for the models built inside
 them (cnnjax.models.layers.Conv picks the function when it is constructed). A convolution runs on
 all cores, one at a time; traced inside `threads_per_call(n)`, on n threads, beside other such calls
-(ensemble members trained on threads of their own: cnnjax/train/steps.py). README: Benchmark.
+(ensemble members trained on threads of their own: cnnjax/train/steps.py). Measurements: results/benchmark/NOTES.md.
 """
 
 import contextlib
@@ -110,7 +110,7 @@ def onednn_faster():
   """Whether oneDNN's convolutions beat XLA's here: where they can run (`onednn_available()`) and
   oneDNN has direct kernels for NHWC convolutions (brgemm, on AVX-512 CPUs). On 2 AVX2 cores it falls
   back to im2col + GEMM for them (4x slower), and in its blocked layouts it loses to XLA on the
-  small default models and is about even on ResNet-20 (README: Benchmark)."""
+  small default models and is about even on ResNet-20 (results/benchmark/NOTES.md)."""
   return onednn_available() and bool(library().cnnjax_onednn_direct_nhwc())
 
 

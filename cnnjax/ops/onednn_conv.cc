@@ -229,7 +229,7 @@ ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<f
 
 // Whether oneDNN has direct kernels for NHWC forward convolutions on this CPU (brgemm: AVX-512 in oneDNN
 // 2023.2), where its convolutions beat XLA's; on AVX2, in blocked layouts, they lose on the small models and
-// are about even on ResNet-20 (README: Benchmark).
+// are about even on ResNet-20 (results/benchmark/NOTES.md).
 extern "C" int cnnjax_onednn_direct_nhwc() {
   const Shape s{32, 16, 16, 32, 16, 16, 32, 3, 3, {1, 1}, {1, 1}, {1, 1}, {0, 0}};
   return !Im2colGemm(s.Forward(tag::nhwc, {}));
