@@ -166,6 +166,22 @@ def test_build_lock_excludes_a_second_holder(tmp_path):
   assert events == ['first done', 'second']
 
 
+
+def test_a_dataset_another_process_prepares_meanwhile_is_read(tmp_path, monkeypatch):
+  """Another test worker finishes building the dataset between this process's look and its read."""
+  module = sources._import_builder('sklearn_digits')  # pylint: disable=protected-access
+  original = module.Builder.is_prepared
+
+  def prepared_meanwhile(self):
+    monkeypatch.setattr(module.Builder, 'is_prepared', original)
+    module.Builder(data_dir=str(tmp_path)).download_and_prepare(file_format='array_record')
+    return original(self)
+
+  monkeypatch.setattr(module.Builder, 'is_prepared', prepared_meanwhile)
+  arrays = data.load_arrays('sklearn_digits', 'test', tmp_path)
+  assert arrays['image'].shape[1:] == (8, 8, 1) and len(arrays['label']) > 100
+
+
 # grain_batches.
 
 

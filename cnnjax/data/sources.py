@@ -103,13 +103,13 @@ def _prepared_embedded(name, data_dir):
     raise ConfigError('dataset', f'{name}/{config}', [name, *(f'{name}/{c}' for c in configs)],
                       f'{name} has no builder config {config!r}')
   options = {'config': config} if config else {}
-  b = module.Builder(data_dir=data_dir, **options)
-  if b.is_prepared():
-    return b
-  with _file_lock(Path(data_dir) / f'.{name}{"-" + config if config else ""}.lock'):
-    b = module.Builder(data_dir=data_dir, **options)  # Re-read: another process may have built it meanwhile.
-    b.download_and_prepare(file_format='array_record')
-  return b
+  if not module.Builder(data_dir=data_dir, **options).is_prepared():
+    with _file_lock(Path(data_dir) / f'.{name}{"-" + config if config else ""}.lock'):
+      # Made under the lock: it reads what another process may have built meanwhile, and then builds nothing.
+      module.Builder(data_dir=data_dir, **options).download_and_prepare(file_format='array_record')
+  # Made once the data is there: a builder made before reads its file format from the code (TFRecord), not
+  # from the prepared files, and cannot open them (seen when another process finished in between).
+  return module.Builder(data_dir=data_dir, **options)
 
 
 def _import_builder(folder):
