@@ -184,8 +184,10 @@ def provenance_markdown(record):
   """The lines beneath a table that say how to make it again."""
   commit = record.get('git_commit') or 'unknown'
   dirty = ' (dirty)' if record.get('git_dirty') else ''
+  device = record.get('device', {})
+  cpu = f', {device["cpu"]} with {device["convolutions"]} convolutions' if device.get('convolutions') else ''
   return (f'Made by `{record["command"]}` on {record["date"]}, commit {commit}{dirty}, '
-          f'config hash {record.get("config_hash")}.\n')
+          f'config hash {record.get("config_hash")}{cpu}.\n')
 
 
 def _git(*args, cwd=Path(__file__).resolve().parent):
@@ -210,12 +212,37 @@ def _version(package):
     return None
 
 
+def cpu_model():
+  """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows, else None."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.partition(':')[2].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
+
+
+def device_record():
+  """The devices a run used. On CPU also the CPU model and whose convolutions models built now run
+  (oneDNN's or XLA's, cnnjax.ops): they sum in different orders, so numbers agree bit for bit only
+  between runs with the same ones."""
+  import jax
+  from cnnjax import ops
+  devices = jax.devices()
+  record = {'platform': devices[0].platform, 'kind': devices[0].device_kind, 'count': len(devices),
+            'process_count': jax.process_count()}
+  if devices[0].platform == 'cpu':
+    record['cpu'] = cpu_model()
+    record['convolutions'] = 'oneDNN' if ops.onednn_enabled() and ops.onednn_available() else 'XLA'
+  return record
+
+
 def provenance(command, config_hash, **extra):
   """How a table was made: git commit + dirty flag (tracked files outside results/), package
-  versions, devices, python, UTC date, the command and config hash, plus `extra`. No hostname,
-  environment variables or credentials."""
-  import jax
-  devices = jax.devices()
+  versions, devices (`device_record`), python, UTC date, the command and config hash, plus `extra`.
+  No hostname, environment variables or credentials."""
   return {
       'command': command if isinstance(command, str) else shlex.join(command),
       'config_hash': config_hash,
@@ -224,8 +251,7 @@ def provenance(command, config_hash, **extra):
       'git_dirty': code_changed(),
       'versions': {package: _version(package) for package in PACKAGES},
       'python': platform.python_version(),
-      'device': {'platform': devices[0].platform, 'kind': devices[0].device_kind,
-                 'count': len(devices), 'process_count': jax.process_count()},
+      'device': device_record(),
       **extra,
   }
 

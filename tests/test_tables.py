@@ -7,8 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from cnnjax import tables
-from cnnjax.tables import Table, plot_curves, provenance, write_index
+from cnnjax import ops, tables
+from cnnjax.tables import Table, plot_curves, provenance, provenance_markdown, write_index
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -82,6 +82,9 @@ def test_provenance_has_commit_versions_command_and_no_environment(monkeypatch):
   assert {'git_commit', 'git_dirty', 'date', 'python', 'device'} <= set(info)
   assert info['versions']['jax'] and info['versions']['numpy'] and 'orbax-checkpoint' in info['versions']
   assert info['device']['count'] >= 1 and info['device']['platform'] == 'cpu'
+  # What decides a CPU run's sums: the tests take oneDNN's convolutions (tests/conftest.py) where they build.
+  assert info['device']['convolutions'] == ('oneDNN' if ops.onednn_available() else 'XLA') and info['device']['cpu']
+  assert f"{info['device']['cpu']} with {info['device']['convolutions']} convolutions." in provenance_markdown(info)
   assert info['date'].endswith('+00:00')
   text = json.dumps(info)
   assert 'very-secret-key' not in text and 'PATH' not in text
@@ -102,8 +105,12 @@ def test_dirty_means_code_changed_not_results(tmp_path):
 
 
 def test_provenance_without_git(monkeypatch):
-  def no_git(*args, **kwargs):
-    raise FileNotFoundError('git')
+  run = tables.subprocess.run
+
+  def no_git(args, *rest, **kwargs):
+    if args[0] == 'git':
+      raise FileNotFoundError('git')
+    return run(args, *rest, **kwargs)  # e.g. the C++ compiler that builds the oneDNN convolutions
   monkeypatch.setattr(tables.subprocess, 'run', no_git)
   info = provenance('cmd', 'h')
   assert info['git_commit'] is None and info['git_dirty'] is None
