@@ -210,6 +210,7 @@ class MetaLearning:
     self.parts = load_parts(c)
     self.train_labels = dense_labels(self.parts['train']['label'])
     self.seeds = list(range(c.seeds))
+    self.val_setting = tuple(min(map(tuple, c.settings)))  # the embedding methods' meta-val episodes
     self.samplers = self.episode_samplers()
     self.test_episodes = {(w, k): self.samplers['test', w, k, c.test_queries].sample(c.test_episodes, [TEST_SEED, w, k])
                           for w, k in c.settings}
@@ -229,8 +230,8 @@ class MetaLearning:
       wanted['test', w, k, c.test_queries] = setting_keys
     for cell in self.cells():
       method = cell.config['method']
-      if method in ('protonet', 'baseline'):  # meta-val at the smallest setting
-        wanted[('val', *min(map(tuple, c.settings)), c.test_queries)] = setting_keys
+      if method in ('protonet', 'baseline'):
+        wanted[('val', *self.val_setting, c.test_queries)] = setting_keys
       if method == 'protonet':
         p = c.protonet
         wanted['train', p.ways, p.shots, p.queries] = ('protonet.ways', 'protonet.shots', 'protonet.queries')
@@ -330,7 +331,7 @@ class MetaLearning:
       def batch_fn(src, state):
         index = src['episodes'][state.step]
         return {'image': as_float(src['images'][index]), 'label': src['labels'][index]}
-    val_setting = tuple(min(map(tuple, c.settings)))
+    val_setting = self.val_setting
     graphdef = train_state.split_model(models_[0])[0]
     step = steps.make_train_step(graphdef, tx, loss_fn)
     val = self.samplers[('val', *val_setting, c.test_queries)].sample(c.val_episodes, [TEST_SEED, 1])

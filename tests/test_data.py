@@ -166,7 +166,6 @@ def test_build_lock_excludes_a_second_holder(tmp_path):
   assert events == ['first done', 'second']
 
 
-
 def test_a_dataset_another_process_prepares_meanwhile_is_read(tmp_path, monkeypatch):
   """Another test worker finishes building the dataset between this process's look and its read."""
   module = sources._import_builder('sklearn_digits')  # pylint: disable=protected-access
