@@ -286,7 +286,8 @@ def plot_curves(curves, path, *, ylabel, title, xlabel='step'):
 
 
 def write_index(results_dir):
-  """Writes `<results_dir>/README.md`: one line per `<experiment>/<preset>/table.md`."""
+  """Writes `<results_dir>/README.md`: one line per `<experiment>/<preset>/table.md`, then a link to
+  each experiment's hand-written `<experiment>/NOTES.md` (what the runs showed, beyond the tables)."""
   results_dir = Path(results_dir)
   lines = ['# Results', '', 'Written by `cnnjax.tables.write_index`; each table lists its provenance.',
            '', '| experiment | preset | table | command | date |', '|---|---|---|---|---|']
@@ -297,5 +298,8 @@ def write_index(results_dir):
     link = table.relative_to(results_dir).as_posix()
     lines.append(f'| {experiment} | {preset} | [{info.get("title", link)}]({link}) | '
                  f'`{info.get("command", "?")}` | {info.get("date", "?")} |')
+  notes = sorted(results_dir.glob('*/NOTES.md'))
+  if notes:
+    lines += ['', 'Notes: ' + ', '.join(f'[{n.parent.name}]({n.relative_to(results_dir).as_posix()})' for n in notes)]
   write_atomic(results_dir / 'README.md', '\n'.join(lines) + '\n')
   return results_dir / 'README.md'

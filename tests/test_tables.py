@@ -126,6 +126,9 @@ def test_index_lists_every_table(tmp_path):
   assert len(lines) == 2 and 'domain_adapt' in lines[0] and 'robustness' in lines[1]
   assert '[Target accuracy](domain_adapt/default/table.md)' in lines[0]
   assert '`./run.sh robustness`' in lines[1]
+  assert 'Notes' not in index
+  (tmp_path / 'robustness' / 'NOTES.md').write_text('# What the runs showed\n')
+  assert write_index(tmp_path).read_text().splitlines()[-1] == 'Notes: [robustness](robustness/NOTES.md)'
 
 
 def test_plot_curves_writes_png(tmp_path):
