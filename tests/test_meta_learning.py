@@ -177,7 +177,6 @@ def test_config_errors_before_compute():
       validate(config)
 
 
-
 @pytest.mark.parametrize('key, value, message', [
     ('maml.shots', 25, r'config.maml.shots = 25 .*maml.shots \+ maml.queries <= 20.*meta-train class'),
     ('protonet.ways', 500, r'config.protonet.ways = 500 .*the number of classes in meta-train'),
@@ -193,11 +192,10 @@ def test_episodes_the_data_cannot_give_fail_before_training_naming_their_key(tmp
   config.workdir = str(tmp_path)
   *parents, last = key.split('.')
   (config[parents[0]] if parents else config)[last] = value
-  if key == 'settings':
-    config.methods = ('protonet',)
   with pytest.raises(ConfigError, match=message):
     meta_learning.MetaLearning(runner.Experiment('meta_learning', config, sharding.make_mesh()))
   assert not any(tmp_path.iterdir())
+
 
 # kanji_glyphs -----------------------------------------------------------------------------------
 
