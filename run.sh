@@ -134,10 +134,12 @@ case $cmd in
     make_venv
     install test
     args=()
-    # Two workers when pytest-xdist is there and the caller did not choose (-n / -p no:xdist).
+    # Two workers when pytest-xdist is there and the caller did not choose (-n / -p no:xdist). Work
+    # stealing: an idle worker takes queued tests from the other, so the suite does not end on one
+    # worker's backlog of slow tests (2 AVX2 cores: 570 -> 525 s).
     if "$PY" -c 'import xdist' >/dev/null 2>&1 && [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* &&
                                                   " $* " != *"no:xdist"* ]]; then
-      args+=(-n 2)
+      args+=(-n 2 --dist worksteal)
     fi
     # Default to tests/ unless the caller named files or node ids (pytest's testpaths covers option-only calls too).
     paths=0

@@ -176,12 +176,12 @@ def test_jitted_forward_and_backward_are_finite(name):
   assert logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(loss)) and np.all(np.isfinite(logits)) and np.all(np.isfinite(eval_logits))
   assert jax.tree.structure(grads) == jax.tree.structure(params)
-  grad_norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  grad_norms = [np.linalg.norm(g) for g in jax.device_get(jax.tree.leaves(grads))]  # on the host: no compile per shape
   assert all(np.isfinite(grad_norms)) and sum(grad_norms) > 0
-  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads['head']))
+  assert all(np.abs(g).sum() > 0 for g in jax.device_get(jax.tree.leaves(grads['head'])))
   # Training mode updated the batch statistics (the running means moved off their zero start).
   means = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats) if 'mean' in path_str(path)]
-  assert means and any(float(jnp.abs(m).sum()) > 0 for m in means)
+  assert means and any(np.abs(m).sum() > 0 for m in jax.device_get(means))
 
 
 def test_residual_relu_is_the_relu_of_the_sum_in_value_and_gradient():

@@ -42,7 +42,7 @@ def test_forward_and_backward_are_finite(name):
   (loss, outputs), grads = loss_and_grads(params, rest, inputs)
   assert all(x.shape[0] == 2 for x in jax.tree.leaves(outputs)), f'{name}: the batch axis is lost'
   assert np.isfinite(float(loss))
-  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  norms = [np.linalg.norm(g) for g in jax.device_get(jax.tree.leaves(grads))]  # on the host: no compile per shape
   assert all(np.isfinite(norms)) and sum(norms) > 0, f'{name}: gradients are not finite or all zero'
 
 
