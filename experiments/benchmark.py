@@ -10,6 +10,7 @@ Presets, command and table: experiments/configs/benchmark.py.
 import collections
 import contextlib
 import gzip
+import itertools
 import json
 import os
 
@@ -17,6 +18,7 @@ import os
 # (digit CNN, batch 128: 700 vs 260 ms/step at load 7 on 2 cores); set before torch is imported.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import numpy as np
 import optax
 
 from cnnjax import YNN_FUSION_FLAG, config as cfg
-from cnnjax import data, hugepages, models, ops
+from cnnjax import data, host_memory, models, ops
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.tables import Table
 from cnnjax.train import sharding, state as train_state, steps
@@ -44,6 +46,9 @@ XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
 # Rows of the convolutions cnnjax did not pick, by whether it picked oneDNN's (cnnjax/ops/conv.py).
 OTHER_CONVOLUTIONS = {True: ('cnnjax, XLA convolutions', ops.xla_convolutions),
                       False: ('cnnjax, oneDNN convolutions', ops.onednn_convolutions)}
+# Section 7's glibc settings, in fresh processes; the last is cnnjax's (cnnjax/host_memory.py).
+HOST_MEMORY = {'glibc defaults': {}, 'huge pages': host_memory.HUGE_PAGES,
+               'huge pages, kept heap': host_memory.TUNABLES}
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +57,7 @@ def validate(config):
   """Fail before any compute on a wrong key, name or value."""
   cfg.validate_base(config)
   cfg.check_choice(config, 'models', tuple(INPUTS))
+  cfg.check_choice(config, 'host_memory_models', tuple(INPUTS))
   for name in dict.fromkeys(('digit_cnn', *config.models)):  # the digit CNN runs in every section
     cfg.check_batch_fits_devices(config, f'batch_sizes.{name}')
   for key in ('throughput_chunk_steps', 'large_chunk_steps', 'repeats', 'member_chunk_steps', 'split_size',
@@ -67,7 +73,7 @@ def validate(config):
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
-  for key in ('torch', 'compile', 'huge_pages', 'bf16', 'xla_reductions', 'other_convolutions'):
+  for key in ('torch', 'compile', 'host_memory', 'bf16', 'xla_reductions', 'other_convolutions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
   if config.profile_dir:
@@ -299,14 +305,15 @@ def torch_version():
 
 # Fresh processes -------------------------------------------------------------------------------
 
-# Run by `in_fresh_process`: the digit CNN's Bench in a process set up as an experiment's
-# (`runner.setup`), the config given as JSON; the script prints its result as JSON after RESULT.
+# Run by `in_fresh_process`: a Bench (the model named by the second argument) in a process set up
+# as an experiment's (`runner.setup`), the config given as JSON; the script prints its result as
+# JSON after RESULT.
 SCRIPT_HEAD = '''
 import json, sys, time
 import ml_collections
 from experiments import benchmark, runner
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
-bench = benchmark.Bench(config, runner.setup(config, validate=lambda config: None), 'digit_cnn')
+bench = benchmark.Bench(config, runner.setup(config, validate=lambda config: None), sys.argv[2])
 '''
 COMPILE_SCRIPT = SCRIPT_HEAD + '''
 state = bench.states()
@@ -315,14 +322,14 @@ bench.chunk(config.chunk_steps).lower(state, bench.source).compile()
 print('RESULT', json.dumps(time.perf_counter() - started))
 '''
 CHUNKS_SCRIPT = SCRIPT_HEAD + '''
-print('RESULT', json.dumps(benchmark.time_repeats(bench.chunk_timers(config.chunk_steps, scan=False), config.repeats)))
+print('RESULT', json.dumps(benchmark.chunk_and_loop(bench)))
 '''
 
 
-def in_fresh_process(script, config, env=None):
-  """What `script` (SCRIPT_HEAD + ...) prints after RESULT, run with `config` in a fresh Python
-  process (environment `env`; default, this one's)."""
-  done = subprocess.run([sys.executable, '-c', script, json.dumps(config.to_dict())], cwd=REPO, env=env,
+def in_fresh_process(script, config, name='digit_cnn', env=None):
+  """What `script` (SCRIPT_HEAD + ...) prints after RESULT, run with `config` for model `name` in a
+  fresh Python process (environment `env`; default, this one's)."""
+  done = subprocess.run([sys.executable, '-c', script, json.dumps(config.to_dict()), name], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   if done.returncode:
     raise RuntimeError(f'benchmark subprocess failed:\n{done.stderr[-3000:]}')
@@ -336,12 +343,26 @@ def compile_seconds(config, cache_dir):
   return in_fresh_process(COMPILE_SCRIPT, config)
 
 
-def chunk_seconds(config, huge_pages):
-  """{label: seconds of each repeat} of the digit CNN's chunk and Python loop in a fresh process
-  whose glibc gives large allocations transparent huge pages or not (cnnjax/hugepages.py)."""
-  others = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t and hugepages.TUNABLE not in t]
-  env = dict(os.environ, GLIBC_TUNABLES=hugepages.with_huge_pages(':'.join(others), int(huge_pages)))
-  return in_fresh_process(CHUNKS_SCRIPT, config, env)
+def chunk_and_loop(bench):
+  """{'seconds': {label: seconds of each repeat}, 'faults': page faults of one more chunk call} for
+  `bench`'s chunk of `chunk_steps_for` unrolled steps and, for the small models, a Python loop of as
+  many jitted steps."""
+  k = chunk_steps_for(bench.config, bench.name)
+  timers = (bench.chunk_timers(k, scan=False) if bench.name in SMALL_MODELS else
+            {f'chunk of {k} unrolled': bench.timer(bench.chunk(k, unroll=True), bench.states())})
+  seconds = time_repeats(timers, bench.config.repeats)
+  call = timers[f'chunk of {k} unrolled'][0]
+  state = block(call(bench.states()))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block(call(state))
+  return {'seconds': seconds, 'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}
+
+
+def host_memory_times(config, name, tunables):
+  """`chunk_and_loop` for model `name` in a fresh process with cnnjax's glibc tunables replaced by
+  `tunables` (the caller's others kept; cnnjax/host_memory.py)."""
+  env = dict(os.environ, GLIBC_TUNABLES=host_memory.replace_tunables(os.environ.get('GLIBC_TUNABLES', ''), tunables))
+  return in_fresh_process(CHUNKS_SCRIPT, config, name, env)
 
 
 # grain ------------------------------------------------------------------------------------------
@@ -402,7 +423,7 @@ class Benchmark:
                         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
     if jax.default_backend() == 'cpu':
       self.notes.append(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}, the kernel's transparent "
-                        f"huge pages: {hugepages.thp_mode()} (cnnjax/hugepages.py).")
+                        f"huge pages: {host_memory.thp_mode()} (cnnjax/host_memory.py).")
       self.notes.append(f"The cnnjax rows run {'oneDNN' if ops.onednn_enabled() else 'XLA'}'s convolutions (oneDNN has "
                         f"{'' if ops.onednn_faster() else 'no '}direct NHWC kernels on this CPU: cnnjax/ops/conv.py).")
     for name in c.models:
@@ -498,20 +519,29 @@ class Benchmark:
     self.add(f'digit_cnn chunk of {c.chunk_steps} compile, warm cache', 's', warm)
     self.add('digit_cnn compile warm / cold s', 'ratio', [w / cold_s for w, cold_s in zip(warm, cold)])
 
-  def huge_pages(self):
-    """(7) The digit CNN's chunk and Python loop in fresh processes with glibc's transparent huge
-    pages for large allocations off, on, on, off (CPU; cnnjax/hugepages.py)."""
-    c = self.config
-    print(f'[huge pages] off, on, on, off (the kernel: {hugepages.thp_mode()})', flush=True)
-    ms = collections.defaultdict(list)
-    for state in ('off', 'on', 'on', 'off'):  # in ABBA order: paired fresh processes drift with their order
-      for label, seconds in chunk_seconds(c, state == 'on').items():
-        ms[label, state] += [1000 * s / c.chunk_steps for s in seconds]
-    for (label, state), values in sorted(ms.items(), key=lambda item: item[0][1] == 'on'):
-      self.add(f'digit_cnn {label}, huge pages {state}', 'ms/step', values)
-    for label in dict.fromkeys(label for label, _ in ms):
-      self.add(f'digit_cnn {label}, huge pages off / on ms/step', 'ratio',
-               [a / b for a, b in zip(ms[label, 'off'], ms[label, 'on'])])
+  def host_memory(self):
+    """(7) On CPU, each of `host_memory_models`' chunk (and the small models' Python loop) in fresh
+    processes under glibc's defaults, huge pages alone and cnnjax's tunables, huge pages with a kept
+    heap (cnnjax/host_memory.py), in the order A B C C B A: paired fresh processes drift with their order."""
+    c, settings = self.config, list(HOST_MEMORY)
+    order = settings + settings[::-1]
+    print(f'[host memory] {", ".join(order)} (the kernel\'s huge pages: {host_memory.thp_mode()})', flush=True)
+    for name in c.host_memory_models:
+      ms, faults = collections.defaultdict(list), collections.defaultdict(list)
+      for setting in order:
+        result = host_memory_times(c, name, HOST_MEMORY[setting])
+        for label, seconds in result['seconds'].items():
+          ms[label, setting] += [1000 * s / chunk_steps_for(c, name) for s in seconds]
+        faults[setting].append(result['faults'])
+      labels = list(dict.fromkeys(label for label, _ in ms))
+      for setting in settings:
+        for label in labels:
+          self.add(f'{name} {label}, {setting}', 'ms/step', ms[label, setting])
+        self.add(f'{name} page faults per chunk call, {setting}', 'faults', faults[setting])
+      ours = settings[-1]
+      for label, setting in itertools.product(labels, settings[:-1]):
+        self.add(f'{name} {label}, {setting} / {ours} ms/step', 'ratio',
+                 [a / b for a, b in zip(ms[label, setting], ms[label, ours])])
 
   def grain(self):
     """(5) grain loader images/s, in this process and in worker processes, vs the digit CNN's consumption."""
@@ -532,7 +562,7 @@ class Benchmark:
     error) keeps what it measured, marked as partial."""
     c, cpu = self.config, jax.default_backend() == 'cpu'
     sections = [self.throughput, self.members, self.chunks, *([self.compile] if c.compile else []),
-                *([self.huge_pages] if c.huge_pages and cpu else []), self.grain]
+                *([self.host_memory] if c.host_memory and cpu else []), self.grain]
     for i, section in enumerate(sections):
       section()
       left = [s.__name__ for s in sections[i + 1:]]
@@ -551,6 +581,7 @@ class Benchmark:
         'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '
         'ratio < 1: the first is faster; grain > 1: the loader outpaces training). The cost per call (ms) and '
         'compute per step split the chunk and loop times as compute + cost per call / steps per call. '
+        'Faults: the page faults of one more chunk call in a host memory process. '
         'Here n counts timed repeats, not seeds.',
         *self.notes, partial]).strip()
     self.exp.write_table(self.table, medians=self.medians, complete=not partial, cpu_count=os.cpu_count(),

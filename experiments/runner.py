@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from cnnjax import config as cfg
-from cnnjax import hugepages, tables, tracking
+from cnnjax import host_memory, tables, tracking
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpoints
 
@@ -197,7 +197,7 @@ def setup(config, validate):
       if option.upper() not in os.environ:  # JAX's own environment variables win
         jax.config.update(option, value)
   if jax.default_backend() == 'cpu' and jax.process_index() == 0 and (
-      advice := hugepages.hint(os.environ.get('GLIBC_TUNABLES', ''))):
+      advice := host_memory.hint(os.environ.get('GLIBC_TUNABLES', ''))):
     print(f'cnnjax: {advice}', file=sys.stderr, flush=True)
   # What is alive now (modules, JAX, Flax, TFDS) lives as long as the process: the cyclic garbage
   # collector skips it from here on instead of walking it on every full collection, which halves

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import ops
+from cnnjax import host_memory, ops
 from cnnjax.errors import ConfigError
 from cnnjax.train import sharding
 from experiments import benchmark, runner
@@ -174,21 +174,35 @@ def test_torch_twins_match_parameter_counts():
   assert twin(torch.zeros(1, 3, 64, 64)).shape == (1, benchmark.NUM_CLASSES)
 
 
-def test_huge_pages_rows_come_from_fresh_processes_off_on_on_off(tmp_path, monkeypatch):
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=5:glibc.malloc.hugetlb=1')
+def test_host_memory_rows_come_from_fresh_processes_in_abccba_order(tmp_path, monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=0')
   launched = []
 
-  def in_fresh_process(script, config, env):
-    launched.append(env['GLIBC_TUNABLES'])
-    on = env['GLIBC_TUNABLES'].endswith('hugetlb=1')
-    return {'chunk of 2 unrolled': [0.02 if on else 0.03] * 2, 'Python loop of 2 jitted steps': [0.04] * 2}
+  def in_fresh_process(script, config, name, env):
+    tunables = env['GLIBC_TUNABLES']
+    launched.append((name, tunables))
+    kept = 'mmap_max=0' in tunables
+    return {'seconds': {'chunk of 2 unrolled': [0.02 if kept else 0.03] * 2, 'Python loop of 2 jitted steps': [0.04] * 2},
+            'faults': 0 if kept else 500}
 
   monkeypatch.setattr(benchmark, 'in_fresh_process', in_fresh_process)
   config = get_config('smoke')
   config.results_dir = str(tmp_path)
+  config.host_memory_models = ('digit_cnn',)
   bench = benchmark.Benchmark(runner.Experiment('benchmark', config, sharding.make_mesh()))
-  bench.huge_pages()
-  off, on = 'glibc.malloc.trim_threshold=5:glibc.malloc.hugetlb=0', 'glibc.malloc.trim_threshold=5:glibc.malloc.hugetlb=1'
-  assert launched == [off, on, on, off]  # the caller's other tunables kept
-  assert bench.medians['digit_cnn chunk of 2 unrolled, huge pages off / on ms/step | ratio'] == pytest.approx(1.5)
-  assert bench.medians['digit_cnn Python loop of 2 jitted steps, huge pages on | ms/step'] == pytest.approx(20.0)
+  bench.host_memory()
+  defaults, huge = 'glibc.malloc.tcache_count=5', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1'
+  ours = host_memory.with_tunables(defaults)  # the caller's other tunables kept, cnnjax's replaced
+  assert launched == [('digit_cnn', t) for t in (defaults, huge, ours, ours, huge, defaults)]
+  medians = bench.medians
+  assert medians['digit_cnn chunk of 2 unrolled, glibc defaults / huge pages, kept heap ms/step | ratio'] == pytest.approx(1.5)
+  assert medians['digit_cnn Python loop of 2 jitted steps, huge pages | ms/step'] == pytest.approx(20.0)
+  assert medians['digit_cnn page faults per chunk call, huge pages, kept heap | faults'] == 0
+
+
+def test_chunk_and_loop_times_both_and_counts_faults():
+  config = get_config('smoke')
+  result = benchmark.chunk_and_loop(benchmark.Bench(config, sharding.make_mesh(), 'digit_cnn'))
+  assert set(result['seconds']) == {'chunk of 2 unrolled', 'Python loop of 2 jitted steps'}
+  assert all(len(s) == config.repeats and min(s) > 0 for s in result['seconds'].values())
+  assert isinstance(result['faults'], int) and result['faults'] >= 0

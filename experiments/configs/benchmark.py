@@ -13,9 +13,10 @@ convolutions` rows where it picked oneDNN's, on AVX-512 CPUs, else `cnnjax, oneD
 cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads vs M sequential
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
-compilation cache (fresh subprocesses); (7) on CPU, the digit CNN's chunk and Python loop in
-fresh subprocesses with glibc's transparent huge pages for large allocations off and on
-(cnnjax/hugepages.py); (5) grain loader images/s, read in the benchmark's process
+compilation cache (fresh subprocesses); (7) on CPU, the digit CNN's and ResNet-20's chunks (and
+the digit CNN's Python loop) in fresh subprocesses under glibc's malloc defaults, with huge pages,
+and with huge pages and a heap kept between calls, cnnjax's default (cnnjax/host_memory.py), with
+page faults per call; (5) grain loader images/s, read in the benchmark's process
 and in `grain_workers` worker processes, vs what the digit-CNN step consumes. `paper` adds
 ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
 flops per step / (step time x peak_flops)). PyTorch is the `bench` extra (pip install
@@ -46,7 +47,8 @@ def get_config(preset=''):
   config.torch = True                   # the PyTorch eager rows (skipped when torch is missing)
   config.compile = True                 # cold vs warm compile in fresh subprocesses
   config.compile_repeats = 3            # cold/warm pairs, each with an empty cache
-  config.huge_pages = True              # CPU: chunk and loop with glibc's huge pages off and on (fresh subprocesses)
+  config.host_memory = True             # CPU: chunks and loop under three glibc malloc settings (fresh subprocesses)
+  config.host_memory_models = ('digit_cnn', 'resnet20_cifar')
   config.grain_dataset = 'mnist_5k'
   config.grain_batches = 40             # timed grain batches per repeat
   config.grain_workers = (0, 2)         # grain read in this process (0) and in 2 worker processes
@@ -71,7 +73,7 @@ def get_config(preset=''):
     config.split_size = 128
     config.grain_batches = 5
     config.compile_repeats = 1
-    config.huge_pages = False           # four more fresh processes: tests/test_benchmark.py checks the section
+    config.host_memory = False          # six more fresh processes: tests/test_benchmark.py checks the section
     config.progress = False
   elif config.preset == 'paper':
     config.models = ('digit_cnn', 'conv4', 'resnet20_cifar', 'resnet50')
