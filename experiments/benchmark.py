@@ -525,7 +525,7 @@ class Benchmark:
     heap (cnnjax/host_memory.py), in the order A B C C B A: paired fresh processes drift with their order."""
     c, settings = self.config, list(HOST_MEMORY)
     order = settings + settings[::-1]
-    print(f'[host memory] {", ".join(order)} (the kernel\'s huge pages: {host_memory.thp_mode()})', flush=True)
+    print(f'[host memory] {" -> ".join(order)} (the kernel\'s huge pages: {host_memory.thp_mode()})', flush=True)
     for name in c.host_memory_models:
       ms, faults = collections.defaultdict(list), collections.defaultdict(list)
       for setting in order:
