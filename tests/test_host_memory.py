@@ -1,6 +1,6 @@
 """glibc's malloc for XLA:CPU's temp buffers (cnnjax/host_memory.py): the tunables are added without
-overriding the caller's, ./run.sh sets the same ones, a kept heap stops a program's calls from
-faulting, and an experiment says how to set them only where they are missing."""
+overriding the caller's, ./run.sh sets the same huge pages, a kept heap stops a block's reuse from
+faulting, and an experiment says how to turn huge pages on only where that helps."""
 
 import gc
 import os
@@ -15,19 +15,20 @@ from cnnjax import host_memory
 from experiments import runner
 
 GLIBC = ('glibc', '2.36')
-OURS = ('glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-        'glibc.malloc.trim_threshold=1099511627776')
+KEPT = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize('tunables, expected', [
-    ('', OURS),
-    ('glibc.malloc.tcache_count=5', f'glibc.malloc.tcache_count=5:{OURS}'),
-    ('glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7',  # the caller's choices win
+@pytest.mark.parametrize('tunables, wanted, expected', [
+    ('', host_memory.HUGE_PAGES, 'glibc.malloc.hugetlb=1'),
+    ('glibc.malloc.tcache_count=5', host_memory.HUGE_PAGES, 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1'),
+    ('glibc.malloc.hugetlb=0', host_memory.HUGE_PAGES, 'glibc.malloc.hugetlb=0'),  # the caller's choice wins
+    ('', host_memory.TUNABLES, f'glibc.malloc.hugetlb=1:{KEPT}'),
+    ('glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7', host_memory.KEPT_HEAP,
      'glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=7:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1099511627776')])
-def test_with_tunables_adds_each_missing_one_once(tunables, expected):
-  assert host_memory.with_tunables(tunables) == expected
-  assert host_memory.with_tunables(expected) == expected
+def test_with_tunables_adds_each_missing_one_once(tunables, wanted, expected):
+  assert host_memory.with_tunables(tunables, wanted) == expected
+  assert host_memory.with_tunables(expected, wanted) == expected
 
 
 def test_replace_tunables_keeps_the_callers_others():
@@ -36,10 +37,11 @@ def test_replace_tunables_keeps_the_callers_others():
   assert host_memory.replace_tunables(tunables, host_memory.HUGE_PAGES) == 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1'
 
 
-@pytest.mark.parametrize('tunables', ['', 'glibc.malloc.hugetlb=0:glibc.malloc.tcache_count=5'])
-def test_run_sh_sets_the_modules_tunables(tunables):
-  loop = REPO.joinpath('run.sh').read_text().split('\nfor tunable in ', 1)[1].split('\ndone\n', 1)[0]
-  shell = f'for tunable in {loop}\ndone\nprintf %s "$GLIBC_TUNABLES"'
+@pytest.mark.parametrize('tunables', ['', 'glibc.malloc.tcache_count=5', 'glibc.malloc.hugetlb=0'])
+def test_run_sh_turns_on_the_modules_huge_pages(tunables):
+  lines = REPO.joinpath('run.sh').read_text().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith('[[ ${GLIBC_TUNABLES'))
+  shell = '\n'.join([*lines[start:start + 2], 'printf %s "$GLIBC_TUNABLES"'])
   env = dict(os.environ, GLIBC_TUNABLES=tunables)
   done = subprocess.run(['bash', '-c', shell], env=env, capture_output=True, text=True, check=True)
   assert done.stdout == host_memory.with_tunables(tunables)
@@ -92,21 +94,18 @@ def test_the_tunables_need_glibc_2_35(libc, known):
   assert host_memory.glibc_has_tunables(libc) is known
 
 
-def test_hint_names_only_the_missing_tunables():
+def test_hint_only_where_madvise_mode_leaves_large_allocations_on_small_pages():
   advice = host_memory.hint('glibc.malloc.tcache_count=5', mode='madvise', libc=GLIBC)
-  assert f'GLIBC_TUNABLES=glibc.malloc.tcache_count=5:{OURS} ' in advice and 'run.sh' in advice
-  assert host_memory.hint(OURS, mode='madvise', libc=GLIBC) == ''
-  assert host_memory.hint(OURS.replace('hugetlb=1', 'hugetlb=0'), mode='madvise', libc=GLIBC) == ''  # off on purpose
-  # Where the kernel gives huge pages to every large mapping or to none, only the kept heap is missing.
-  kept = OURS.split(':', 1)[1]
-  for mode in ('always', 'never'):
-    assert f'GLIBC_TUNABLES={kept} ' in host_memory.hint('', mode=mode, libc=GLIBC)
-    assert host_memory.hint(kept, mode=mode, libc=GLIBC) == ''
+  assert 'GLIBC_TUNABLES=glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1 ' in advice and 'run.sh' in advice
+  assert host_memory.hint('glibc.malloc.hugetlb=1', mode='madvise', libc=GLIBC) == ''
+  assert host_memory.hint('glibc.malloc.hugetlb=0', mode='madvise', libc=GLIBC) == ''  # off on purpose
+  assert host_memory.hint('', mode='always', libc=GLIBC) == ''  # every large mapping gets them
+  assert host_memory.hint('', mode='never', libc=GLIBC) == ''
   assert host_memory.hint('', mode='madvise', libc=('glibc', '2.31')) == ''
 
 
-@pytest.mark.parametrize('tunables, printed', [('', True), (OURS, False)])
-def test_setup_says_how_to_set_the_tunables(monkeypatch, capsys, tunables, printed):
+@pytest.mark.parametrize('tunables, printed', [('', True), ('glibc.malloc.hugetlb=1', False)])
+def test_setup_says_how_to_turn_huge_pages_on(monkeypatch, capsys, tunables, printed):
   monkeypatch.setenv('GLIBC_TUNABLES', tunables)
   monkeypatch.setattr(host_memory, 'thp_mode', lambda: 'madvise')
   monkeypatch.setattr(host_memory, 'glibc_has_tunables', lambda libc=None: True)
@@ -116,4 +115,4 @@ def test_setup_says_how_to_set_the_tunables(monkeypatch, capsys, tunables, print
     runner.setup(config, lambda config: None)
   finally:
     gc.unfreeze()
-  assert (f'GLIBC_TUNABLES={OURS} ' in capsys.readouterr().err) is printed
+  assert ('GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ' in capsys.readouterr().err) is printed
