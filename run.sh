@@ -18,13 +18,11 @@ PY=$VENV/bin/python
 STAMP=$VENV/.installed
 
 export WANDB_SILENT=true
-# XLA:CPU allocates its temp buffer on every call, and glibc maps an allocation over 32 MB afresh
-# and faults it in 4 KB at a time: keep it in the heap between calls, on 2 MB transparent huge pages
-# (cnnjax/host_memory.py: TUNABLES). A value the caller set wins.
-for tunable in glibc.malloc.hugetlb=1 glibc.malloc.mmap_max=0 glibc.malloc.trim_threshold=1099511627776; do
-  [[ :${GLIBC_TUNABLES:-}: == *:${tunable%%=*}=* ]] ||
-    export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}$tunable
-done
+# glibc maps every allocation over 32 MB afresh and unmaps it on free, so XLA:CPU's per-call temp
+# buffer costs a page fault per 4 KB on every call: 2 MB transparent huge pages there instead
+# (cnnjax/host_memory.py). A value the caller set wins.
+[[ ${GLIBC_TUNABLES:-} == *glibc.malloc.hugetlb* ]] ||
+  export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
 die() { echo "run.sh: $*" >&2; exit 1; }
 

@@ -9,10 +9,7 @@ batches (digit CNN at batch 32: 15 -> 21-29 ms/step). A value already in XLA_FLA
 (`--xla_cpu_experimental_ynn_fusion_type=` turns the fusions off); the flag does nothing on GPUs,
 nor once JAX's CPU backend has started, and is not set where an accelerator plugin is installed
 (libtpu, or JAX's CUDA plugin: their runtimes parse XLA_FLAGS with their own flag lists, which may
-lack it). And XLA:CPU runs each call on the thread that makes it, not on one of its own, so that
-glibc serves the call's temp buffer from its main heap, which cnnjax's glibc tunables keep between
-calls (cnnjax/host_memory.py); `jax.config.update('jax_cpu_enable_async_dispatch', True)` before
-JAX's first computation restores JAX's default. Measurements: results/benchmark/NOTES.md.
+lack it). Measurements: results/benchmark/NOTES.md.
 """
 
 import importlib.util
@@ -39,7 +36,3 @@ def with_cpu_defaults(xla_flags, accelerator_host):
 
 os.environ['XLA_FLAGS'] = with_cpu_defaults(
     os.environ.get('XLA_FLAGS', ''), accelerator_host=any(map(importlib.util.find_spec, ACCELERATOR_PLUGINS)))
-
-import jax  # noqa: E402  (after XLA_FLAGS; JAX's CPU backend starts at its first computation)
-
-jax.config.update('jax_cpu_enable_async_dispatch', False)

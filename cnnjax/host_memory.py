@@ -1,25 +1,24 @@
-"""glibc's malloc for XLA:CPU's per-call temp buffers: kept in the heap between calls, on 2 MB pages.
+"""glibc's malloc for XLA:CPU's per-call temp buffers: 2 MB pages, and optionally a heap kept between calls.
 
 An XLA:CPU program allocates its temporaries as one buffer per call (ResNet-20's 2-step chunk at
-batch 128: 306 MB). glibc serves an allocation over its mmap threshold (at most 32 MB) with a fresh
-mapping and unmaps it on free, so every call faults that buffer in again, 4 KB at a time, ~2.7 us a
-fault on 2 AVX2 cores: a 10-step digit-CNN chunk at batch 128, ~21,000 faults a call (~7% of its
-time); a 2-step ResNet-20 chunk, ~75,000 (~15%); a ResNet-50 step at 224x224, batch 32, ~1.1
-million (~20%, PyTorch's too). cnnjax's glibc tunables (`TUNABLES`, read from GLIBC_TUNABLES when a
-process starts; ./run.sh sets them, an experiment started otherwise says how, in runner.setup):
-- `HUGE_PAGES`: `glibc.malloc.hugetlb=1` (glibc >= 2.35), 2 MB transparent huge pages (madvise)
-  for glibc's mappings and heap, 50-200x fewer faults;
-- `KEPT_HEAP`: `glibc.malloc.mmap_max=0` and `trim_threshold=2**40`: the main heap serves large
-  blocks too and keeps what is freed, so the next call reuses the buffer without a fault. Only the
-  main heap: a thread's own arena grows in 64 MB heaps and maps larger blocks afresh whatever
-  `mmap_max` says, so cnnjax runs XLA:CPU's calls on the calling thread (cnnjax/__init__.py). The
-  price: a process keeps its peak heap (its RSS does not fall after a peak). `arena_max=1`, which
-  puts every thread on the main heap instead, made XLA's compiler threads share one malloc lock and
-  cold compiles ~55% slower.
-On a 2-core AVX-512 Xeon (KVM), huge pages alone left ResNet-20's calls bimodal when programs took
-turns, 245 or 350 ms/step (fresh huge pages cost up to ~280 ms more of kernel time a call), and
-ResNet-50's steps at 8.6 s against 5.2-5.6 s with the buffer kept. Measured in
-experiments/benchmark.py (`host memory` rows); notes in results/benchmark/NOTES.md.
+batch 128: 306 MB), on whichever of XLA's threads runs it. glibc serves an allocation over its mmap
+threshold (at most 32 MB) with a fresh mapping and unmaps it on free, so every call faults that
+buffer in again, 4 KB at a time, ~2.7 us a fault on 2 AVX2 cores: a 10-step digit-CNN chunk at batch
+128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~75,000 (~15%); a ResNet-50
+step at 224x224, batch 32, ~1.1 million (~20%, PyTorch's too). glibc reads its tunables from
+GLIBC_TUNABLES when a process starts:
+- `HUGE_PAGES`, cnnjax's default (./run.sh sets it; an experiment started otherwise says how, in
+  runner.setup): `glibc.malloc.hugetlb=1` (glibc >= 2.35), 2 MB transparent huge pages (madvise)
+  for glibc's mappings, 50-200x fewer faults.
+- `KEPT_HEAP`, not set by cnnjax: `glibc.malloc.arena_max=1`, `mmap_max=0`, `trim_threshold=2**40`.
+  Every thread allocates from the one main heap, large blocks included (a thread's own arena would
+  map them afresh), and freed memory stays there, so the next call reuses the buffer without a fault:
+  on a 2-core AVX-512 Xeon, ResNet-20 steps ~5% and a Python loop of one-step calls ~20% faster than
+  with huge pages alone. But XLA's compiler threads then share one malloc lock: cold compiles took
+  ~55% longer there, and the transfer experiment's default preset from a cold cache 16% longer. For
+  long runs that compile little, set both (run.sh keeps them): GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
+  glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 ./run.sh ...
+Measured in experiments/benchmark.py (`host memory` rows); notes in results/benchmark/NOTES.md.
 """
 
 import platform
@@ -27,12 +26,12 @@ import re
 from pathlib import Path
 
 HUGE_PAGES = {'glibc.malloc.hugetlb': '1'}
-KEPT_HEAP = {'glibc.malloc.mmap_max': '0', 'glibc.malloc.trim_threshold': str(2**40)}
-TUNABLES = {**HUGE_PAGES, **KEPT_HEAP}
+KEPT_HEAP = {'glibc.malloc.arena_max': '1', 'glibc.malloc.mmap_max': '0', 'glibc.malloc.trim_threshold': str(2**40)}
+TUNABLES = {**HUGE_PAGES, **KEPT_HEAP}  # every tunable this module speaks of
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
-def with_tunables(tunables, wanted=TUNABLES):
+def with_tunables(tunables, wanted=HUGE_PAGES):
   """GLIBC_TUNABLES with each of `wanted` ({name: value}) added that it does not set already (the
   caller's choice wins)."""
   have = {item.split('=')[0] for item in tunables.split(':') if item}
@@ -55,21 +54,18 @@ def thp_mode(path=THP_MODE_FILE):
 
 
 def glibc_has_tunables(libc=None):
-  """Whether this process runs on a glibc that knows the tunables (2.35 or newer)."""
+  """Whether this process runs on a glibc that knows `glibc.malloc.hugetlb` (2.35 or newer)."""
   name, version = libc or platform.libc_ver()
   numbers = tuple(int(part) for part in re.findall(r'\d+', version)[:2])
   return name == 'glibc' and numbers >= (2, 35)
 
 
 def hint(tunables, mode=None, libc=None):
-  """How to set the tunables that `tunables` lacks, or '' where none is missing (one set to another
-  value is the caller's choice), glibc lacks them, or, for huge pages, the kernel gives them to every
-  large mapping or to none."""
+  """How to turn huge pages on, or '' where they are on or set off on purpose, would change nothing
+  (the kernel gives them to every large mapping or to none) or glibc lacks the tunable."""
   mode = thp_mode() if mode is None else mode
-  wanted = TUNABLES if mode == 'madvise' else KEPT_HEAP
-  if with_tunables(tunables, wanted) == tunables or not glibc_has_tunables(libc):
+  if with_tunables(tunables) == tunables or mode != 'madvise' or not glibc_has_tunables(libc):
     return ''
-  return (f'glibc maps every allocation over 32 MB afresh, so XLA:CPU faults its temp buffer in 4 KB at '
-          f'a time on every call (~7-20% of a training step here); start Python with '
-          f'GLIBC_TUNABLES={with_tunables(tunables, wanted)} (./run.sh does) to keep it in the heap '
-          f'between calls, on 2 MB pages (cnnjax/host_memory.py).')
+  return (f'glibc maps every allocation over 32 MB afresh, so XLA:CPU faults its temp buffer in 4 KB '
+          f'at a time on every call (~7-20% of a training step here); start Python with '
+          f'GLIBC_TUNABLES={with_tunables(tunables)} (./run.sh does) for 2 MB pages there (cnnjax/host_memory.py).')

@@ -14,8 +14,8 @@ cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads v
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
 compilation cache (fresh subprocesses); (7) on CPU, the digit CNN's and ResNet-20's chunks (and
-the digit CNN's Python loop) in fresh subprocesses under glibc's malloc defaults, with huge pages,
-and with huge pages and a heap kept between calls, cnnjax's default (cnnjax/host_memory.py), with
+the digit CNN's Python loop) in fresh subprocesses under glibc's malloc defaults, with huge pages
+(cnnjax's default) and with huge pages and a heap kept between calls (cnnjax/host_memory.py), with
 page faults per call; (5) grain loader images/s, read in the benchmark's process
 and in `grain_workers` worker processes, vs what the digit-CNN step consumes. `paper` adds
 ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
