@@ -13,7 +13,7 @@ GLIBC_TUNABLES when a process starts:
 - `KEPT_HEAP`, not set by cnnjax: `glibc.malloc.arena_max=1`, `mmap_max=0`, `trim_threshold=2**40`.
   Every thread allocates from the one main heap, large blocks included (a thread's own arena would
   map them afresh), and freed memory stays there, so the next call reuses the buffer without a fault:
-  on a 2-core AVX-512 Xeon, ResNet-20 steps ~5% and a Python loop of one-step calls ~20% faster than
+  on a 2-core AVX-512 Xeon, ResNet-20 steps ~4% and a Python loop of one-step calls 13-18% faster than
   with huge pages alone. But XLA's compiler threads then share one malloc lock: cold compiles took
   ~55% longer there, and the transfer experiment's default preset from a cold cache 16% longer. For
   long runs that compile little, set both (run.sh keeps them): GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
