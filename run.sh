@@ -18,9 +18,11 @@ PY=$VENV/bin/python
 STAMP=$VENV/.installed
 
 export WANDB_SILENT=true
-# glibc maps every allocation over 32 MB afresh and unmaps it on free, so XLA:CPU's per-call temp
-# buffer costs a page fault per 4 KB on every call: 2 MB transparent huge pages there instead
-# (cnnjax/host_memory.py). A value the caller set wins.
+# glibc's malloc maps every allocation over 32 MB afresh and unmaps it on free, so XLA:CPU's
+# per-call temp buffer costs a page fault per 4 KB on every call: Python runs on mimalloc, which
+# keeps it between calls (preload_mimalloc), and glibc's malloc, where an LD_PRELOAD the caller set
+# leaves it in charge (LD_PRELOAD= ./run.sh ...), gets 2 MB transparent huge pages
+# (cnnjax/host_memory.py). Values the caller set win.
 [[ ${GLIBC_TUNABLES:-} == *glibc.malloc.hugetlb* ]] ||
   export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 
@@ -100,6 +102,24 @@ install() {
   echo "$wanted" > "$STAMP"
 }
 
+# The .venv's mimalloc (the cmeel-mimalloc wheel) for every Python process from here on, unless the
+# caller set LD_PRELOAD.
+preload_mimalloc() {
+  local lib
+  [[ -n ${LD_PRELOAD+set} ]] && return 0
+  for lib in "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so; do
+    [[ -e $lib ]] && export LD_PRELOAD=$lib
+  done
+  return 0
+}
+
+# prepare [EXTRA...]: the .venv, installed with the given extras, and its malloc.
+prepare() {
+  make_venv
+  install "$@"
+  preload_mimalloc
+}
+
 run_experiment() {
   local name=$1; shift
   local arg has_config=0
@@ -119,8 +139,7 @@ case $cmd in
     usage
     ;;
   '')
-    make_venv
-    install
+    prepare
     mapfile -t names < <(list_experiments)
     ((${#names[@]})) || echo "run.sh: no experiments yet (experiments/configs/<name>.py + experiments/<name>.py)" >&2
     for name in "${names[@]}"; do
@@ -131,8 +150,7 @@ case $cmd in
     ;;
   test)
     shift
-    make_venv
-    install test
+    prepare test
     args=()
     # Two workers when pytest-xdist is there and the caller did not choose (-n / -p no:xdist). Work
     # stealing: an idle worker takes queued tests from the other, so the suite does not end on one
@@ -159,8 +177,7 @@ case $cmd in
     if [[ ! -f experiments/configs/$cmd.py || ! -f experiments/$cmd.py ]]; then
       die "unknown experiment '$cmd'; known: $(known_experiments)"
     fi
-    make_venv
-    install
+    prepare
     run_experiment "$cmd" "$@"
     ;;
 esac

@@ -1,33 +1,31 @@
-"""glibc's malloc for XLA:CPU's per-call temp buffers: 2 MB pages, and optionally a heap kept between calls.
+"""The host's malloc for XLA:CPU's per-call temp buffers: mimalloc, or glibc's with 2 MB pages.
 
 An XLA:CPU program allocates its temporaries as one buffer per call (ResNet-20's 2-step chunk at
-batch 128: 306 MB), on whichever of XLA's threads runs it. glibc serves an allocation over its mmap
-threshold (at most 32 MB) with a fresh mapping and unmaps it on free, so every call faults that
-buffer in again, 4 KB at a time, ~2.7 us a fault on 2 AVX2 cores: a 10-step digit-CNN chunk at batch
-128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~75,000 (~15%); a ResNet-50
-step at 224x224, batch 32, ~1.1 million (~20%, PyTorch's too). glibc reads its tunables from
-GLIBC_TUNABLES when a process starts:
-- `HUGE_PAGES`, cnnjax's default (./run.sh sets it; an experiment started otherwise says how, in
-  runner.setup): `glibc.malloc.hugetlb=1` (glibc >= 2.35), 2 MB transparent huge pages (madvise)
-  for glibc's mappings, 50-200x fewer faults.
-- `KEPT_HEAP`, not set by cnnjax: `glibc.malloc.arena_max=1`, `mmap_max=0`, `trim_threshold=2**40`.
-  Every thread allocates from the one main heap, large blocks included (a thread's own arena would
-  map them afresh), and freed memory stays there, so the next call reuses the buffer without a fault:
-  on a 2-core AVX-512 Xeon, ResNet-20 steps ~4% and a Python loop of one-step calls 13-18% faster than
-  with huge pages alone. But XLA's compiler threads then share one malloc lock: cold compiles took
-  ~55% longer there, and the transfer experiment's default preset from a cold cache 16% longer. For
-  long runs that compile little, set both (run.sh keeps them): GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
-  glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 ./run.sh ...
-Measured in experiments/benchmark.py (`host memory` rows); notes in results/benchmark/NOTES.md.
+batch 128: 306 MB), on whichever of XLA's threads runs it. glibc's malloc serves an allocation over
+its mmap threshold (at most 32 MB) with a fresh mapping and unmaps it on free, so every call faults
+the buffer in again, 4 KB at a time, ~2.7 us a fault on 2 AVX2 cores: a 10-step digit-CNN chunk at
+batch 128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~75,000 (~15%).
+- `./run.sh` preloads mimalloc (Leijen, Zorn and de Moura, "Mimalloc: Free List Sharding in
+  Action", APLAS 2019; the cmeel-mimalloc wheel, a dependency). It serves blocks up to
+  ~1 GB from its arenas, whatever the thread, and keeps freed memory there ~1 s before it gives it
+  back, so the next call reuses the buffer: ~7 faults a ResNet-20 call. On a
+  2-core Xeon against glibc with huge pages: ResNet-20's chunk ~7% faster, the one-step Python loop
+  as fast as a chunk, cold compiles ~14% faster (XLA's compiler threads allocate a lot).
+- glibc's malloc where mimalloc is not preloaded (an LD_PRELOAD the caller set wins: `LD_PRELOAD=
+  ./run.sh ...`): `HUGE_PAGES`, set by ./run.sh too, 2 MB transparent huge pages for its mappings
+  (glibc >= 2.35, the kernel in `madvise` mode): 50-200x fewer faults.
+An experiment started without ./run.sh says how (runner.setup). Measured in experiments/benchmark.py
+(`host memory` rows); notes in results/benchmark/NOTES.md.
 """
 
+import importlib.metadata
 import platform
 import re
 from pathlib import Path
 
 HUGE_PAGES = {'glibc.malloc.hugetlb': '1'}
-KEPT_HEAP = {'glibc.malloc.arena_max': '1', 'glibc.malloc.mmap_max': '0', 'glibc.malloc.trim_threshold': str(2**40)}
-TUNABLES = {**HUGE_PAGES, **KEPT_HEAP}  # every tunable this module speaks of
+MIMALLOC = 'libmimalloc.so'
+ALLOCATORS = ('glibc defaults', 'glibc huge pages', 'mimalloc')  # the benchmark's settings; the last is cnnjax's
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -38,10 +36,39 @@ def with_tunables(tunables, wanted=HUGE_PAGES):
   return ':'.join(filter(None, [tunables, *(f'{name}={value}' for name, value in wanted.items() if name not in have)]))
 
 
-def replace_tunables(tunables, wanted):
-  """GLIBC_TUNABLES with every one of `TUNABLES` dropped, then `wanted` added (the caller's others kept)."""
-  others = ':'.join(item for item in tunables.split(':') if item and item.split('=')[0] not in TUNABLES)
-  return with_tunables(others, wanted)
+def mimalloc_library():
+  """The path of the installed cmeel-mimalloc wheel's libmimalloc.so; None where it is not installed."""
+  try:
+    files = importlib.metadata.files('cmeel-mimalloc') or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return next((Path(file.locate()) for file in files if file.name == MIMALLOC), None)
+
+
+def preloads(environ):
+  """The libraries `environ`'s LD_PRELOAD names (separated by spaces or colons)."""
+  return [path for path in re.split(r'[\s:]+', environ.get('LD_PRELOAD', '')) if path]
+
+
+def on_mimalloc(environ):
+  """Whether `environ`'s LD_PRELOAD puts a process on mimalloc."""
+  return any(Path(path).name.startswith(MIMALLOC) for path in preloads(environ))
+
+
+def environment(environ, allocator, library=None):
+  """`environ` for a fresh process on `allocator`, one of `ALLOCATORS`: mimalloc (at `library`,
+  default the installed one) preloaded or not, glibc's huge pages on or off; the rest kept."""
+  if allocator not in ALLOCATORS:
+    raise ValueError(f'unknown allocator {allocator!r}; known: {", ".join(ALLOCATORS)}')
+  others = [path for path in preloads(environ) if not Path(path).name.startswith(MIMALLOC)]
+  if allocator == 'mimalloc':
+    library = library or mimalloc_library()
+    if library is None:
+      raise FileNotFoundError('mimalloc is not installed: pip install cmeel-mimalloc (./run.sh installs it)')
+    others.insert(0, str(library))
+  tunables = [item for item in environ.get('GLIBC_TUNABLES', '').split(':') if item and item.split('=')[0] not in HUGE_PAGES]
+  tunables = with_tunables(':'.join(tunables), {} if allocator == 'glibc defaults' else HUGE_PAGES)
+  return {**environ, 'GLIBC_TUNABLES': tunables, 'LD_PRELOAD': ' '.join(others)}
 
 
 def thp_mode(path=THP_MODE_FILE):
@@ -60,11 +87,17 @@ def glibc_has_tunables(libc=None):
   return name == 'glibc' and numbers >= (2, 35)
 
 
-def hint(tunables, mode=None, libc=None):
-  """How to turn huge pages on, or '' where they are on or set off on purpose, would change nothing
-  (the kernel gives them to every large mapping or to none) or glibc lacks the tunable."""
+def hint(environ, library=None, mode=None, libc=None):
+  """How to keep XLA:CPU's temp buffers between calls (preload mimalloc, where no LD_PRELOAD says
+  otherwise and `library` or the installed one is there), else how to give glibc's malloc huge
+  pages; '' where neither applies: chosen already, off on purpose, or no help here."""
+  if 'LD_PRELOAD' not in environ and (library := library or mimalloc_library()):
+    return (f'glibc\'s malloc maps XLA:CPU\'s temp buffer afresh on every call and faults it in again '
+            f'(~7-20% of a training step here); start Python with LD_PRELOAD={library} (./run.sh does) '
+            f'to keep it in mimalloc\'s arenas between calls (cnnjax/host_memory.py).')
+  tunables = environ.get('GLIBC_TUNABLES', '')
   mode = thp_mode() if mode is None else mode
-  if with_tunables(tunables) == tunables or mode != 'madvise' or not glibc_has_tunables(libc):
+  if on_mimalloc(environ) or with_tunables(tunables) == tunables or mode != 'madvise' or not glibc_has_tunables(libc):
     return ''
   return (f'glibc maps every allocation over 32 MB afresh, so XLA:CPU faults its temp buffer in 4 KB '
           f'at a time on every call (~7-20% of a training step here); start Python with '

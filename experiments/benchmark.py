@@ -46,10 +46,6 @@ XLA_REDUCTIONS = {YNN_FUSION_FLAG: ''}
 # Rows of the convolutions cnnjax did not pick, by whether it picked oneDNN's (cnnjax/ops/conv.py).
 OTHER_CONVOLUTIONS = {True: ('cnnjax, XLA convolutions', ops.xla_convolutions),
                       False: ('cnnjax, oneDNN convolutions', ops.onednn_convolutions)}
-# Section 7's glibc settings, in fresh processes; 'huge pages' is cnnjax's (cnnjax/host_memory.py).
-HOST_MEMORY = {'glibc defaults': {}, 'huge pages': host_memory.HUGE_PAGES,
-               'huge pages, kept heap': host_memory.TUNABLES}
-OUR_HOST_MEMORY = 'huge pages'
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,11 +355,10 @@ def chunk_and_loop(bench):
   return {'seconds': seconds, 'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}
 
 
-def host_memory_times(config, name, tunables):
-  """`chunk_and_loop` for model `name` in a fresh process with cnnjax's glibc tunables replaced by
-  `tunables` (the caller's others kept; cnnjax/host_memory.py)."""
-  env = dict(os.environ, GLIBC_TUNABLES=host_memory.replace_tunables(os.environ.get('GLIBC_TUNABLES', ''), tunables))
-  return in_fresh_process(CHUNKS_SCRIPT, config, name, env)
+def host_memory_times(config, name, allocator):
+  """`chunk_and_loop` for model `name` in a fresh process on `allocator`, one of
+  host_memory.ALLOCATORS (the caller's other settings kept)."""
+  return in_fresh_process(CHUNKS_SCRIPT, config, name, host_memory.environment(os.environ, allocator))
 
 
 # grain ------------------------------------------------------------------------------------------
@@ -423,8 +418,9 @@ class Benchmark:
       self.notes.append(f'PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, '
                         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}.')
     if jax.default_backend() == 'cpu':
-      self.notes.append(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}, the kernel's transparent "
-                        f"huge pages: {host_memory.thp_mode()} (cnnjax/host_memory.py).")
+      malloc = 'mimalloc' if host_memory.on_mimalloc(os.environ) else 'glibc'
+      self.notes.append(f"malloc: {malloc}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}, the "
+                        f"kernel's transparent huge pages: {host_memory.thp_mode()} (cnnjax/host_memory.py).")
       self.notes.append(f"The cnnjax rows run {'oneDNN' if ops.onednn_enabled() else 'XLA'}'s convolutions (oneDNN has "
                         f"{'' if ops.onednn_faster() else 'no '}direct NHWC kernels on this CPU: cnnjax/ops/conv.py).")
     for name in c.models:
@@ -522,15 +518,17 @@ class Benchmark:
 
   def host_memory(self):
     """(7) On CPU, each of `host_memory_models`' chunk (and the small models' Python loop) in fresh
-    processes under glibc's defaults, huge pages (cnnjax's default) and huge pages with a kept heap
-    (cnnjax/host_memory.py), in the order A B C C B A: paired fresh processes drift with their order."""
-    c, settings = self.config, list(HOST_MEMORY)
+    processes on glibc's malloc with its defaults and with huge pages, and on mimalloc (cnnjax's
+    default, where installed; cnnjax/host_memory.py), in the order A B C C B A: paired fresh
+    processes drift with their order. The ratios divide by the last of them."""
+    c = self.config
+    settings = [s for s in host_memory.ALLOCATORS if s != 'mimalloc' or host_memory.mimalloc_library()]
     order = settings + settings[::-1]
     print(f'[host memory] {" -> ".join(order)} (the kernel\'s huge pages: {host_memory.thp_mode()})', flush=True)
     for name in c.host_memory_models:
       ms, faults = collections.defaultdict(list), collections.defaultdict(list)
       for setting in order:
-        result = host_memory_times(c, name, HOST_MEMORY[setting])
+        result = host_memory_times(c, name, setting)
         for label, seconds in result['seconds'].items():
           ms[label, setting] += [1000 * s / chunk_steps_for(c, name) for s in seconds]
         faults[setting].append(result['faults'])
@@ -539,7 +537,7 @@ class Benchmark:
         for label in labels:
           self.add(f'{name} {label}, {setting}', 'ms/step', ms[label, setting])
         self.add(f'{name} page faults per chunk call, {setting}', 'faults', faults[setting])
-      ours = OUR_HOST_MEMORY
+      ours = settings[-1]
       for label, setting in itertools.product(labels, [s for s in settings if s != ours]):
         self.add(f'{name} {label}, {setting} / {ours} ms/step', 'ratio',
                  [a / b for a, b in zip(ms[label, setting], ms[label, ours])])

@@ -197,7 +197,7 @@ def setup(config, validate):
       if option.upper() not in os.environ:  # JAX's own environment variables win
         jax.config.update(option, value)
   if jax.default_backend() == 'cpu' and jax.process_index() == 0 and (
-      advice := host_memory.hint(os.environ.get('GLIBC_TUNABLES', ''))):
+      advice := host_memory.hint(os.environ)):
     print(f'cnnjax: {advice}', file=sys.stderr, flush=True)
   # What is alive now (modules, JAX, Flax, TFDS) lives as long as the process: the cyclic garbage
   # collector skips it from here on instead of walking it on every full collection, which halves

@@ -176,12 +176,12 @@ def test_torch_twins_match_parameter_counts():
 
 def test_host_memory_rows_come_from_fresh_processes_in_abccba_order(tmp_path, monkeypatch):
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=0')
+  monkeypatch.setattr(host_memory, 'mimalloc_library', lambda: Path('/lib/libmimalloc.so'))
   launched = []
 
   def in_fresh_process(script, config, name, env):
-    tunables = env['GLIBC_TUNABLES']
-    launched.append((name, tunables))
-    kept = 'mmap_max=0' in tunables
+    launched.append((name, env['LD_PRELOAD'].split()[:1], env['GLIBC_TUNABLES']))
+    kept = host_memory.on_mimalloc(env)
     return {'seconds': {'chunk of 2 unrolled': [0.02 if kept else 0.03] * 2, 'Python loop of 2 jitted steps': [0.04] * 2},
             'faults': 0 if kept else 500}
 
@@ -191,14 +191,15 @@ def test_host_memory_rows_come_from_fresh_processes_in_abccba_order(tmp_path, mo
   config.host_memory_models = ('digit_cnn',)
   bench = benchmark.Benchmark(runner.Experiment('benchmark', config, sharding.make_mesh()))
   bench.host_memory()
-  defaults, huge = 'glibc.malloc.tcache_count=5', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1'
-  kept = host_memory.with_tunables(defaults, host_memory.TUNABLES)  # the caller's other tunables kept
-  assert launched == [('digit_cnn', t) for t in (defaults, huge, kept, kept, huge, defaults)]
+  defaults, huge = 'glibc.malloc.tcache_count=5', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1'  # the caller's other tunables kept
+  glibc, mimalloc = ('digit_cnn', [], defaults), ('digit_cnn', ['/lib/libmimalloc.so'], huge)
+  assert launched == [glibc, ('digit_cnn', [], huge), mimalloc, mimalloc, ('digit_cnn', [], huge), glibc]
   medians = bench.medians
-  assert medians['digit_cnn chunk of 2 unrolled, huge pages, kept heap / huge pages ms/step | ratio'] == pytest.approx(2 / 3)
-  assert medians['digit_cnn Python loop of 2 jitted steps, glibc defaults / huge pages ms/step | ratio'] == 1
-  assert medians['digit_cnn Python loop of 2 jitted steps, huge pages | ms/step'] == pytest.approx(20.0)
-  assert medians['digit_cnn page faults per chunk call, huge pages, kept heap | faults'] == 0
+  assert medians['digit_cnn chunk of 2 unrolled, glibc huge pages / mimalloc ms/step | ratio'] == pytest.approx(3 / 2)
+  assert medians['digit_cnn Python loop of 2 jitted steps, glibc defaults / mimalloc ms/step | ratio'] == 1
+  assert medians['digit_cnn Python loop of 2 jitted steps, mimalloc | ms/step'] == pytest.approx(20.0)
+  assert medians['digit_cnn page faults per chunk call, mimalloc | faults'] == 0
+  assert medians['digit_cnn page faults per chunk call, glibc huge pages | faults'] == 500
 
 
 def test_chunk_and_loop_times_both_and_counts_faults():

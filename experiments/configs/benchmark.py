@@ -14,9 +14,8 @@ cnnjax/ops/conv.py); (2) M members in one program (vmap, unroll) or on threads v
 calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of k unrolled steps vs
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
 compilation cache (fresh subprocesses); (7) on CPU, the digit CNN's and ResNet-20's chunks (and
-the digit CNN's Python loop) in fresh subprocesses under glibc's malloc defaults, with huge pages
-(cnnjax's default) and with huge pages and a heap kept between calls (cnnjax/host_memory.py), with
-page faults per call; (5) grain loader images/s, read in the benchmark's process
+the digit CNN's Python loop) in fresh subprocesses on glibc's malloc with its defaults and with huge
+pages, and on mimalloc (cnnjax's default; cnnjax/host_memory.py), with page faults per call; (5) grain loader images/s, read in the benchmark's process
 and in `grain_workers` worker processes, vs what the digit-CNN step consumes. `paper` adds
 ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
 flops per step / (step time x peak_flops)). PyTorch is the `bench` extra (pip install
@@ -47,7 +46,7 @@ def get_config(preset=''):
   config.torch = True                   # the PyTorch eager rows (skipped when torch is missing)
   config.compile = True                 # cold vs warm compile in fresh subprocesses
   config.compile_repeats = 3            # cold/warm pairs, each with an empty cache
-  config.host_memory = True             # CPU: chunks and loop under three glibc malloc settings (fresh subprocesses)
+  config.host_memory = True             # CPU: chunks and loop on glibc's malloc and mimalloc (fresh subprocesses)
   config.host_memory_models = ('digit_cnn', 'resnet20_cifar')
   config.grain_dataset = 'mnist_5k'
   config.grain_batches = 40             # timed grain batches per repeat
