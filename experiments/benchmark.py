@@ -2,7 +2,9 @@
 
 Every measurement times `repeats` repeats of `chunk_steps` training steps after a warm-up call
 (which compiles), blocking on the results; the variants of one comparison take turns within each
-repeat, so that a shared machine's slow drifts hit them alike. The table shows mean ± std over the
+repeat, so that a shared machine's slow drifts hit them alike, and each turn starts with
+`settle_calls` untimed calls, so that a variant does not pay for the memory the previous one left
+(on a 2-core Xeon, ResNet-50's first call after PyTorch's step took 1-2 s longer). The table shows mean ± std over the
 repeats and provenance.json the medians. Speed targets live here and in the README, never in tests.
 Presets, command and table: experiments/configs/benchmark.py.
 """
@@ -70,6 +72,8 @@ def validate(config):
   cfg.check_choice(config, 'grain_dataset', data.DATASETS.names() + list(data.CATALOG))
   cfg.check_positive(config, 'learning_rate')
   cfg.check_positive(config, 'peak_flops', allow_zero=True)
+  cfg.check_type(config, 'settle_calls', int)
+  cfg.check_positive(config, 'settle_calls', allow_zero=True)
   for key in ('torch', 'compile', 'host_memory', 'bf16', 'xla_reductions', 'other_convolutions'):
     cfg.check_type(config, key, bool)
   cfg.check_type(config, 'profile_dir', str)
@@ -85,11 +89,13 @@ def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
 
 
-def time_repeats(timers, repeats, warmup=1, profile_dir=''):
+def time_repeats(timers, repeats, warmup=1, settle=0, profile_dir=''):
   """{label: seconds of each of `repeats` timed calls} for `timers` = {label: (call, state)}, each
   call `state = call(state)`, after `warmup` untimed calls each (the first compiles). The labels
-  take turns within every repeat, so that a shared machine's slow drifts hit them alike. With
-  `profile_dir`, one more call of each is traced afterwards (`profile`) and its top events printed."""
+  take turns within every repeat, so that a shared machine's slow drifts hit them alike; each turn
+  starts with `settle` untimed calls, so that the timed one does not pay for the memory the previous
+  label's program left behind (as steps of one training run do not). With `profile_dir`, one more
+  call of each is traced afterwards (`profile`) and its top events printed."""
   states = {}
   for label, (call, state) in timers.items():
     for _ in range(warmup):
@@ -98,6 +104,8 @@ def time_repeats(timers, repeats, warmup=1, profile_dir=''):
   seconds = {label: [] for label in timers}
   for _ in range(repeats):
     for label, (call, _) in timers.items():
+      for _ in range(settle):
+        states[label] = block(call(states[label]))
       started = time.perf_counter()
       states[label] = block(call(states[label]))
       seconds[label].append(time.perf_counter() - started)
@@ -347,7 +355,7 @@ def chunk_and_loop(bench):
   k = chunk_steps_for(bench.config, bench.name)
   timers = (bench.chunk_timers(k, scan=False) if bench.name in SMALL_MODELS else
             {f'chunk of {k} unrolled': bench.timer(bench.chunk(k, unroll=True), bench.states())})
-  seconds = time_repeats(timers, bench.config.repeats)
+  seconds = time_repeats(timers, bench.config.repeats, settle=bench.config.settle_calls)
   call = timers[f'chunk of {k} unrolled'][0]
   state = block(call(bench.states()))
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -440,7 +448,8 @@ class Benchmark:
       if have_torch:
         timers['torch'] = torch_timer(c, name)
       ms = {label: self.add_step_times(f'{name} {label}', seconds, k, bench.batch_size)
-            for label, seconds in time_repeats(timers, c.repeats, profile_dir=self.profile_dir(name)).items()}
+            for label, seconds in time_repeats(timers, c.repeats, settle=c.settle_calls,
+                                               profile_dir=self.profile_dir(name)).items()}
       ours = ms['cnnjax']
       variants = [label for label in ms if label.startswith('cnnjax, ')]
       if name == 'digit_cnn':
@@ -465,7 +474,7 @@ class Benchmark:
     for m in sorted(c.members):
       print(f'[members] M={m}', flush=True)
       timers = {mode: bench.timer(bench.members(k, mode), bench.states(m)) for mode in c.member_modes}
-      seconds = time_repeats(timers, c.repeats, profile_dir=self.profile_dir(f'members_M={m}'))
+      seconds = time_repeats(timers, c.repeats, settle=c.settle_calls, profile_dir=self.profile_dir(f'members_M={m}'))
       ms = {mode: [1000 * s / k for s in times] for mode, times in seconds.items()}
       for mode in ms:
         self.add(f'digit_cnn M={m} {mode}', 'ms/step', ms[mode])
@@ -488,7 +497,7 @@ class Benchmark:
   def chunks_of(self, name):
     c, k = self.config, self.config.chunk_steps
     print(f'[chunks] {name} k={k}', flush=True)
-    seconds = time_repeats(Bench(c, self.exp.mesh, name).chunk_timers(k), c.repeats,
+    seconds = time_repeats(Bench(c, self.exp.mesh, name).chunk_timers(k), c.repeats, settle=c.settle_calls,
                            profile_dir=self.profile_dir(f'chunks_{name}'))
     ms = {label: [1000 * s / k for s in times] for label, times in seconds.items()}
     for label in ms:
@@ -574,7 +583,8 @@ class Benchmark:
                        for name in dict.fromkeys(('digit_cnn', *c.models)))
     self.table.caption = ' '.join([
         f'Training steps with Adam on synthetic device-resident batches ({shapes}); each value is one '
-        f'timed call after a warm-up call: of {c.throughput_chunk_steps} steps in the cnnjax and PyTorch rows '
+        f'timed call after a warm-up call ({c.settle_calls} more untimed at the start of each turn): '
+        f'of {c.throughput_chunk_steps} steps in the cnnjax and PyTorch rows '
         f'({c.large_chunk_steps} for the larger models), {c.member_chunk_steps} per member in the M= rows, '
         f'{c.chunk_steps} in the chunk rows. '
         'A ratio row divides the two named quantities (images/s ratio > 1: the first is faster; ms/step or s '

@@ -76,6 +76,18 @@ def test_timed_variants_take_turns_and_carry_their_state():
   assert set(seconds) == {'a', 'b'} and all(len(s) == 2 and min(s) >= 0 for s in seconds.values())
 
 
+def test_each_turn_can_start_with_untimed_calls(monkeypatch):
+  calls, clock_reads = [], []
+  def call(state):
+    calls.append(state)
+    return state + 1
+  ticks = iter(range(100))
+  monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock_reads.append(calls[-1]) or next(ticks))
+  seconds = benchmark.time_repeats({'a': (call, 0)}, repeats=2, settle=2)
+  assert calls == [0, 1, 2, 3, 4, 5, 6]  # a warm-up, then each turn: two untimed calls and a timed one
+  assert clock_reads == [2, 3, 5, 6] and seconds == {'a': [1, 1]}  # the clock brackets the third call only
+
+
 def test_chunk_comparisons_cover_the_small_models(monkeypatch):
   config = get_config('smoke')
   config.models = ('resnet20_cifar', 'conv4')
