@@ -9,8 +9,8 @@ batch 128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~7
   Action", APLAS 2019; the cmeel-mimalloc wheel, a dependency). It serves blocks up to ~1 GB from
   its arenas, whatever the thread, and keeps freed memory there until it has been unused ~1 s, so
   the next call reuses the buffer: 13 faults a ResNet-20 call. On a 2-core Xeon against glibc with
-  huge pages: ResNet-20's chunk 1.16x and a Python loop of one-step calls 1.25x faster, and the
-  transfer experiment, which compiles a lot, ~3% faster.
+  huge pages: a Python loop of one-step calls 1.25-1.29x and ResNet-20's chunk 1.02-1.16x faster,
+  and the transfer experiment, which compiles a lot, ~3% faster.
 - glibc's malloc where mimalloc is not preloaded (an LD_PRELOAD the caller set wins: `LD_PRELOAD=
   ./run.sh ...`): `HUGE_PAGES`, set by ./run.sh too, 2 MB transparent huge pages for its mappings
   (glibc >= 2.35, the kernel in `madvise` mode): 50-200x fewer faults.
