@@ -50,9 +50,14 @@ def preloads(environ):
   return [path for path in re.split(r'[\s:]+', environ.get('LD_PRELOAD', '')) if path]
 
 
+def is_mimalloc(path):
+  """Whether the library at `path` is mimalloc."""
+  return Path(path).name.startswith(MIMALLOC)
+
+
 def on_mimalloc(environ):
   """Whether `environ`'s LD_PRELOAD puts a process on mimalloc."""
-  return any(Path(path).name.startswith(MIMALLOC) for path in preloads(environ))
+  return any(map(is_mimalloc, preloads(environ)))
 
 
 def environment(environ, allocator, library=None):
@@ -60,14 +65,14 @@ def environment(environ, allocator, library=None):
   default the installed one) preloaded or not, glibc's huge pages on or off; the rest kept."""
   if allocator not in ALLOCATORS:
     raise ValueError(f'unknown allocator {allocator!r}; known: {", ".join(ALLOCATORS)}')
-  others = [path for path in preloads(environ) if not Path(path).name.startswith(MIMALLOC)]
+  others = [path for path in preloads(environ) if not is_mimalloc(path)]
   if allocator == 'mimalloc':
     library = library or mimalloc_library()
     if library is None:
       raise FileNotFoundError('mimalloc is not installed: pip install cmeel-mimalloc (./run.sh installs it)')
     others.insert(0, str(library))
-  tunables = [item for item in environ.get('GLIBC_TUNABLES', '').split(':') if item and item.split('=')[0] not in HUGE_PAGES]
-  tunables = with_tunables(':'.join(tunables), {} if allocator == 'glibc defaults' else HUGE_PAGES)
+  kept = [item for item in environ.get('GLIBC_TUNABLES', '').split(':') if item and item.split('=')[0] not in HUGE_PAGES]
+  tunables = with_tunables(':'.join(kept), {} if allocator == 'glibc defaults' else HUGE_PAGES)
   return {**environ, 'GLIBC_TUNABLES': tunables, 'LD_PRELOAD': ' '.join(others)}
 
 

@@ -15,8 +15,9 @@ calls; (3) for the small models (digit CNN, Conv-4), a device-resident chunk of 
 a Python loop of jitted steps vs a rolled lax.scan; (4) cold vs warm compile with the persistent
 compilation cache (fresh subprocesses); (7) on CPU, the digit CNN's and ResNet-20's chunks (and
 the digit CNN's Python loop) in fresh subprocesses on glibc's malloc with its defaults and with huge
-pages, and on mimalloc (cnnjax's default; cnnjax/host_memory.py), with page faults per call; (5) grain loader images/s, read in the benchmark's process
-and in `grain_workers` worker processes, vs what the digit-CNN step consumes. `paper` adds
+pages, and on mimalloc (cnnjax's default; cnnjax/host_memory.py), with page faults per call; (5)
+grain loader images/s, read in the benchmark's process and in `grain_workers` worker processes, vs
+what the digit-CNN step consumes. Each turn of a comparison starts with `settle_calls` untimed calls. `paper` adds
 ResNet-50 at 224x224 and, on an accelerator, bf16 images/s and MFU (XLA's
 flops per step / (step time x peak_flops)). PyTorch is the `bench` extra (pip install
 torch==2.13.0); without it the torch rows are skipped.
