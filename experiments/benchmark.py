@@ -5,7 +5,8 @@ Every measurement times `repeats` repeats of `chunk_steps` training steps after 
 repeat, so that a shared machine's slow drifts hit them alike, and each turn starts with
 `settle_calls` untimed calls, so that a variant does not pay for the memory the previous one left
 (on a 2-core Xeon, ResNet-50's first call after PyTorch's step took 1-2 s longer). The table shows
-mean ± std over the repeats and provenance.json the medians. Speed targets live here and in the README, never in tests.
+mean ± std over the repeats and provenance.json the medians. Speed targets live here and in the
+README, never in tests.
 Presets, command and table: experiments/configs/benchmark.py.
 """
 
