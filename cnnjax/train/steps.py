@@ -90,6 +90,12 @@ def cores():
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
+def core_share(members):
+  """OpenMP threads for each member's oneDNN convolutions (`ops.threads_per_call`) when `members`
+  run at once: the cores shared out among them (at least 1), or 0 (every core) for one member."""
+  return max(1, cores() // members) if members > 1 else 0
+
+
 def _signature(tree):
   """What decides whether a jitted call compiles: structure, shapes, dtypes, placements."""
   leaves, structure = jax.tree.flatten(tree)
@@ -104,8 +110,9 @@ def over_members(fn, mode, donate=True, source_axes=0):
   dataset and gives each seed its own subset. 'vmap' and 'unroll' compile all members into
   one program; 'sequential' calls one compiled member program per member, and 'threads' makes
   those calls from one thread per member, so that members run at the same time on the CPU
-  cores, each convolution on the member's share of them (`ops.threads_per_call`). All four give
-  the same numbers up to float rounding.
+  cores. In 'unroll' and 'threads' each convolution runs on its member's share of the cores
+  (`ops.threads_per_call`), beside the other members'. All four give the same numbers up to
+  float rounding.
   """
   mode = member_mode(mode)
   if mode not in MEMBER_MODES[1:]:
@@ -124,7 +131,8 @@ def over_members(fn, mode, donate=True, source_axes=0):
   if mode == 'unroll':
     def unrolled(states, source):
       members = jax.tree.leaves(states)[0].shape[0]
-      return stack([fn(member(states, m), member(source, m, source_axes)) for m in range(members)])
+      with ops.threads_per_call(core_share(members)):  # XLA runs the members' convolutions side by side
+        return stack([fn(member(states, m), member(source, m, source_axes)) for m in range(members)])
     return jax.jit(unrolled, donate_argnums=donate_argnums)
   # Sequential and threads: one compiled program for every member, which picks its member inside
   # (the index is traced), and one that stacks their outputs; slicing and stacking with eager ops
@@ -149,8 +157,7 @@ def over_members(fn, mode, donate=True, source_axes=0):
 
   def threads(states, source):
     members = jax.tree.leaves(states)[0].shape[0]
-    # The cores shared out among the members: each convolution runs on its member's share.
-    share = max(1, cores() // members) if members > 1 else 0
+    share = core_share(members)  # each convolution runs on its member's share of the cores
     signature = (share, _signature((states, source)))
     with lock:
       if share not in programs:
