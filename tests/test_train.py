@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from cnnjax import data, metrics, models, tracking
+from cnnjax import data, metrics, models, ops, tracking
 from cnnjax.methods.classification import cross_entropy
 from cnnjax.methods.transfer import finetune_optimizer, l2sp, path_str, with_frozen_norms
 from cnnjax.train import loop, sharding, state as train_state, steps
@@ -198,6 +198,20 @@ def test_seeds_side_by_side_equal_seeds_alone(spine, alone, mode):
     assert_trees_close(jax.tree.map(lambda x: x[i], history), expected_metrics, **TOL)
   # The seeds really differ (the comparison is not between copies of one run).
   assert not np.allclose(history['loss'][0], history['loss'][1])
+
+
+@pytest.mark.skipif(not ops.onednn_available(), reason='oneDNN convolutions unavailable')
+def test_unrolled_members_convolve_on_their_share_of_the_cores(spine, monkeypatch):
+  """In one unrolled program each member's convolutions run on its share of the cores, so that
+  XLA runs two members' convolutions at once; one member keeps every core (threads = 0)."""
+  monkeypatch.setattr(steps, 'cores', lambda: 4)
+  assert [steps.core_share(m) for m in (1, 2, 3, 5)] == [0, 2, 1, 1]
+  program = steps.over_members(spine.side_chunk, 'unroll')
+  text = program.lower(spine.states(), spine.sources()).as_text()
+  calls = text.count('cnnjax_conv_')
+  assert calls and text.count('threads = 2 : i64') == calls
+  one = program.lower(spine.states(SEEDS[:1]), spine.sources(SEEDS[:1])).as_text()
+  assert one.count('threads = 0 : i64') == one.count('cnnjax_conv_') > 0
 
 
 def test_auto_member_mode_avoids_vmap_on_cpu():
