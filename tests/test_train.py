@@ -200,6 +200,18 @@ def test_seeds_side_by_side_equal_seeds_alone(spine, alone, mode):
   assert not np.allclose(history['loss'][0], history['loss'][1])
 
 
+def test_one_member_on_threads_runs_on_the_calling_thread(spine, monkeypatch):
+  """A thread of its own would only cost the one member time: it runs where it is called."""
+  program = steps.over_members(spine.side_chunk, 'threads')
+  states, sources = program(spine.states(SEEDS[:1]), spine.sources(SEEDS[:1]))[0], spine.sources(SEEDS[:1])
+
+  def no_threads(*args, **kwargs):
+    raise AssertionError('one member started a thread pool')
+  monkeypatch.setattr(steps.concurrent.futures, 'ThreadPoolExecutor', no_threads)
+  states, metrics = program(states, sources)
+  assert int(np.asarray(states.step)[0]) == 2 * SIDE_CHUNK and np.isfinite(metrics['loss']).all()
+
+
 @pytest.mark.skipif(not ops.onednn_available(), reason='oneDNN convolutions unavailable')
 def test_unrolled_members_convolve_on_their_share_of_the_cores(spine, monkeypatch):
   """In one unrolled program each member's convolutions run on its share of the cores, so that

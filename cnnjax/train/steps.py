@@ -163,13 +163,15 @@ def over_members(fn, mode, donate=True, source_axes=0):
       if share not in programs:
         programs[share] = member_program(share) if share else one
       program, warm = programs[share], signature in compiled
-    if not warm:  # the first call of a signature compiles once, then runs its members in turn
-      outputs = stack_outputs([program(states, source, m) for m in range(members)])
-      with lock:
-        compiled.add(signature)
-      return outputs
-    run = lambda m: jax.block_until_ready(program(states, source, m))
-    with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix='member') as pool:
-      return stack_outputs(list(pool.map(run, range(members))))
+    if warm and members > 1:
+      run = lambda m: jax.block_until_ready(program(states, source, m))
+      with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix='member') as pool:
+        return stack_outputs(list(pool.map(run, range(members))))
+    # In turn on this thread, dispatched without waiting: one member (a thread of its own only
+    # added to its step time), or the first call of a signature (it compiles once).
+    outputs = stack_outputs([program(states, source, m) for m in range(members)])
+    with lock:
+      compiled.add(signature)
+    return outputs
 
   return threads
