@@ -203,7 +203,8 @@ def test_seeds_side_by_side_equal_seeds_alone(spine, alone, mode):
 def test_one_member_on_threads_runs_on_the_calling_thread(spine, monkeypatch):
   """A thread of its own would only cost the one member time: it runs where it is called."""
   program = steps.over_members(spine.side_chunk, 'threads')
-  states, sources = program(spine.states(SEEDS[:1]), spine.sources(SEEDS[:1]))[0], spine.sources(SEEDS[:1])
+  sources = spine.sources(SEEDS[:1])
+  states = program(spine.states(SEEDS[:1]), sources)[0]  # the first call compiles
 
   def no_threads(*args, **kwargs):
     raise AssertionError('one member started a thread pool')
