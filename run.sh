@@ -103,12 +103,13 @@ install() {
 }
 
 # The .venv's mimalloc (the cmeel-mimalloc wheel) for every Python process from here on, unless the
-# caller set LD_PRELOAD.
+# caller set LD_PRELOAD, with cnnjax's options (host_memory.MIMALLOC_OPTIONS; the caller's values win).
 preload_mimalloc() {
   local lib
   [[ -n ${LD_PRELOAD+set} ]] && return 0
   for lib in "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so; do
-    [[ -e $lib ]] && export LD_PRELOAD=$lib
+    [[ -e $lib ]] || continue
+    export LD_PRELOAD=$lib MIMALLOC_ARENA_MAX_OBJECT_SIZE=${MIMALLOC_ARENA_MAX_OBJECT_SIZE:-16GiB}
   done
   return 0
 }

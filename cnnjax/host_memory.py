@@ -6,11 +6,14 @@ its mmap threshold (at most 32 MB) with a fresh mapping and unmaps it on free, s
 the buffer in again, 4 KB at a time, ~2.7 us a fault on 2 AVX2 cores: a 10-step digit-CNN chunk at
 batch 128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~75,000 (~15%).
 - `./run.sh` preloads mimalloc (Leijen, Zorn and de Moura, "Mimalloc: Free List Sharding in
-  Action", APLAS 2019; the cmeel-mimalloc wheel, a dependency). It serves blocks up to ~1 GB from
-  its arenas, whatever the thread, and keeps freed memory there until it has been unused ~1 s, so
-  the next call reuses the buffer: 13 faults a ResNet-20 call. On a 2-core Xeon against glibc with
-  huge pages: a Python loop of one-step calls 1.25-1.29x and ResNet-20's chunk 1.02-1.16x faster,
-  and the transfer experiment, which compiles a lot, ~3% faster.
+  Action", APLAS 2019; the cmeel-mimalloc wheel, a dependency). It serves blocks from its arenas,
+  whatever the thread, and keeps freed memory there for a while, so the next call reuses the
+  buffer: 13 faults a ResNet-20 call. On a 2-core Xeon against glibc with huge pages: a Python loop
+  of one-step calls 1.25-1.29x and ResNet-20's chunk 1.02-1.16x faster, and the transfer
+  experiment, which compiles a lot, ~3% faster. `MIMALLOC_OPTIONS`, set by ./run.sh too, raise its
+  arenas' largest block from 2 to 16 GiB: ResNet-50's step at 224x224, batch 32 (a ~4.3 GB buffer)
+  faulted 2,156 huge pages in every call without (0.6 s of kernel time), none with, and ran 3-5%
+  faster.
 - glibc's malloc where mimalloc is not preloaded (an LD_PRELOAD the caller set wins: `LD_PRELOAD=
   ./run.sh ...`): `HUGE_PAGES`, set by ./run.sh too, 2 MB transparent huge pages for its mappings
   (glibc >= 2.35, the kernel in `madvise` mode): 50-200x fewer faults.
@@ -25,6 +28,7 @@ from pathlib import Path
 
 HUGE_PAGES = {'glibc.malloc.hugetlb': '1'}
 MIMALLOC = 'libmimalloc.so'
+MIMALLOC_OPTIONS = {'MIMALLOC_ARENA_MAX_OBJECT_SIZE': '16GiB'}  # environment variables; the caller's values win
 ALLOCATORS = ('glibc defaults', 'glibc huge pages', 'mimalloc')  # the benchmark's settings; the last is cnnjax's
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
@@ -62,7 +66,8 @@ def on_mimalloc(environ):
 
 def environment(environ, allocator, library=None):
   """`environ` for a fresh process on `allocator`, one of `ALLOCATORS`: mimalloc (at `library`,
-  default the installed one) preloaded or not, glibc's huge pages on or off; the rest kept."""
+  default the installed one) preloaded with `MIMALLOC_OPTIONS` or not, glibc's huge pages on or
+  off; the rest kept."""
   if allocator not in ALLOCATORS:
     raise ValueError(f'unknown allocator {allocator!r}; known: {", ".join(ALLOCATORS)}')
   others = [path for path in preloads(environ) if not is_mimalloc(path)]
@@ -73,7 +78,8 @@ def environment(environ, allocator, library=None):
     others.insert(0, str(library))
   kept = [item for item in environ.get('GLIBC_TUNABLES', '').split(':') if item and item.split('=')[0] not in HUGE_PAGES]
   tunables = with_tunables(':'.join(kept), {} if allocator == 'glibc defaults' else HUGE_PAGES)
-  return {**environ, 'GLIBC_TUNABLES': tunables, 'LD_PRELOAD': ' '.join(others)}
+  options = MIMALLOC_OPTIONS if allocator == 'mimalloc' else {}
+  return {**options, **environ, 'GLIBC_TUNABLES': tunables, 'LD_PRELOAD': ' '.join(others)}
 
 
 def thp_mode(path=THP_MODE_FILE):
@@ -98,7 +104,8 @@ def hint(environ, library=None, mode=None, libc=None):
   pages; '' where neither applies: chosen already, off on purpose, or no help here."""
   if 'LD_PRELOAD' not in environ and (library := library or mimalloc_library()):
     return (f'glibc\'s malloc maps XLA:CPU\'s temp buffer afresh on every call and faults it in again '
-            f'(~7-20% of a training step here); start Python with LD_PRELOAD={library} (./run.sh does) '
+            f'(~7-20% of a training step here); start Python with LD_PRELOAD={library} '
+            f'{" ".join(f"{name}={value}" for name, value in MIMALLOC_OPTIONS.items())} (./run.sh does) '
             f'to keep it in mimalloc\'s arenas between calls (cnnjax/host_memory.py).')
   tunables = environ.get('GLIBC_TUNABLES', '')
   mode = thp_mode() if mode is None else mode

@@ -49,20 +49,30 @@ def test_run_sh_turns_on_the_modules_huge_pages(tunables):
   assert printed == host_memory.with_tunables(tunables)
 
 
-@pytest.mark.parametrize('preload, installed, expected', [
-    (None, True, 'VENV/lib/python3.11/site-packages/cmeel.prefix/lib/libmimalloc.so'),
-    (None, False, 'unset'),
-    ('/opt/libjemalloc.so', True, '/opt/libjemalloc.so'),  # the caller's choice wins
-    ('', True, '')])                                       # ... glibc's malloc on purpose
-def test_run_sh_preloads_the_venvs_mimalloc_unless_the_caller_set_ld_preload(tmp_path, preload, installed, expected):
+VENV_MIMALLOC = 'VENV/lib/python3.11/site-packages/cmeel.prefix/lib/libmimalloc.so'
+OPTIONS = ' '.join(host_memory.MIMALLOC_OPTIONS.values())
+
+
+@pytest.mark.parametrize('preload, installed, options, expected', [
+    (None, True, None, f'{VENV_MIMALLOC} {OPTIONS}'),
+    (None, True, '4GiB', f'{VENV_MIMALLOC} 4GiB'),               # the caller's options win
+    (None, False, None, 'unset unset'),
+    ('/opt/libjemalloc.so', True, None, '/opt/libjemalloc.so unset'),  # the caller's choice wins
+    ('', True, None, ' unset')])                                     # ... glibc's malloc on purpose
+def test_run_sh_preloads_the_venvs_mimalloc_unless_the_caller_set_ld_preload(tmp_path, preload, installed, options,
+                                                                              expected):
   library = tmp_path / 'lib/python3.11/site-packages/cmeel.prefix/lib/libmimalloc.so'
   if installed:
     library.parent.mkdir(parents=True)
     library.touch()
-  env = {key: value for key, value in os.environ.items() if key != 'LD_PRELOAD'}
+  names = {'LD_PRELOAD', *host_memory.MIMALLOC_OPTIONS}
+  env = {key: value for key, value in os.environ.items() if key not in names}
   if preload is not None:
     env['LD_PRELOAD'] = preload
-  printed = run_sh_block('preload_mimalloc() {', '}', f'VENV={tmp_path}; preload_mimalloc; printf %s "${{LD_PRELOAD-unset}}"', env)
+  if options is not None:
+    env.update(dict.fromkeys(host_memory.MIMALLOC_OPTIONS, options))
+  values = ' '.join(f'${{{name}-unset}}' for name in ['LD_PRELOAD', *host_memory.MIMALLOC_OPTIONS])
+  printed = run_sh_block('preload_mimalloc() {', '}', f'VENV={tmp_path}; preload_mimalloc; printf %s "{values}"', env)
   assert printed == expected.replace('VENV', str(tmp_path))
 
 
@@ -76,6 +86,10 @@ def test_environment_puts_a_fresh_process_on_the_allocator_asked_for():
   assert (huge['LD_PRELOAD'], huge['GLIBC_TUNABLES']) == ('/opt/libfoo.so', 'glibc.malloc.tcache_count=5:glibc.malloc.hugetlb=1')
   assert mimalloc['LD_PRELOAD'] == '/lib/libmimalloc.so /opt/libfoo.so' and mimalloc['PATH'] == '/bin'
   assert host_memory.on_mimalloc(mimalloc) and not host_memory.on_mimalloc(huge)
+  assert mimalloc.items() >= host_memory.MIMALLOC_OPTIONS.items()
+  assert not set(host_memory.MIMALLOC_OPTIONS) & (set(defaults) | set(huge))  # mimalloc's options for mimalloc only
+  chosen = dict.fromkeys(host_memory.MIMALLOC_OPTIONS, '4GiB')
+  assert host_memory.environment({**environ, **chosen}, 'mimalloc', LIB).items() >= chosen.items()  # the caller's win
   with pytest.raises(ValueError, match='unknown allocator .tcmalloc.; known: glibc defaults, glibc huge pages, mimalloc'):
     host_memory.environment(environ, 'tcmalloc')
 
@@ -84,20 +98,22 @@ def test_mimalloc_is_installed_with_the_project():
   assert MIMALLOC is not None and MIMALLOC.is_file() and MIMALLOC.name == 'libmimalloc.so'
 
 
-# A 200 MB block allocated, written and freed ten times, as XLA:CPU does with a program's temp
-# buffer, on a thread other than the main one; the minor page faults of the last nine rounds.
+# A block of MB megabytes allocated, written and freed ROUNDS times, as XLA:CPU does with a
+# program's temp buffer, on a thread other than the main one; the minor page faults of all rounds
+# but the first.
 FAULTS = '''
-import ctypes, resource, threading
+import ctypes, resource, sys, threading
+MB, ROUNDS = map(int, sys.argv[1:])
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 counts = []
 def rounds():
-  for _ in range(10):
+  for _ in range(ROUNDS):
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-    block = libc.malloc(200 << 20)
-    ctypes.memset(block, 1, 200 << 20)
+    block = libc.malloc(MB << 20)
+    ctypes.memset(block, 1, MB << 20)
     libc.free(block)
   counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 thread = threading.Thread(target=rounds)
@@ -107,16 +123,26 @@ print(counts[-1] - counts[1])
 '''
 
 
+def faults(allocator, megabytes, rounds, **environ):
+  env = host_memory.environment({**os.environ, **environ}, allocator)
+  return int(subprocess.run([sys.executable, '-c', FAULTS, str(megabytes), str(rounds)], env=env,
+                            capture_output=True, text=True, check=True).stdout)
+
+
 @pytest.mark.skipif(MIMALLOC is None, reason='needs the cmeel-mimalloc wheel')
 def test_mimalloc_reuses_a_large_block_without_faults():
-  def faults(allocator):
-    env = host_memory.environment(os.environ, allocator)
-    return int(subprocess.run([sys.executable, '-c', FAULTS], env=env, capture_output=True, text=True,
-                              check=True).stdout)
   # glibc's defaults map the block afresh: a fault per 4 KB (2 MB where the kernel's huge pages are
   # 'always') in every round; mimalloc faults it in once, in the first round.
-  assert faults('glibc defaults') >= 9 * 100
-  assert faults('mimalloc') < 90
+  assert faults('glibc defaults', 200, 10) >= 9 * 100
+  assert faults('mimalloc', 200, 10) < 90
+
+
+@pytest.mark.skipif(MIMALLOC is None, reason='needs the cmeel-mimalloc wheel')
+def test_mimalloc_options_keep_blocks_over_its_default_2_gib():
+  """A 2.5 GB block (ResNet-50's step at batch 32 allocates ~4.3 GB): mimalloc's own limit sends
+  it to the kernel afresh every round, cnnjax's options keep it in the arenas."""
+  assert faults('mimalloc', 2560, 2, MIMALLOC_ARENA_MAX_OBJECT_SIZE='2GiB') >= 2560 // 4  # 2 MB pages or 4 KB
+  assert faults('mimalloc', 2560, 2) < 90
 
 
 def test_thp_mode_reads_the_kernels_bracketed_choice(tmp_path):
