@@ -109,7 +109,8 @@ preload_mimalloc() {
   [[ -n ${LD_PRELOAD+set} ]] && return 0
   for lib in "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so; do
     [[ -e $lib ]] || continue
-    export LD_PRELOAD=$lib MIMALLOC_ARENA_MAX_OBJECT_SIZE=${MIMALLOC_ARENA_MAX_OBJECT_SIZE:-16GiB}
+    export LD_PRELOAD=$lib MIMALLOC_ARENA_MAX_OBJECT_SIZE=${MIMALLOC_ARENA_MAX_OBJECT_SIZE:-16GiB} \
+      MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-10000}
   done
   return 0
 }

@@ -10,10 +10,11 @@ batch 128, ~22,000 faults a call (~7% of its time); a 2-step ResNet-20 chunk, ~7
   whatever the thread, and keeps freed memory there for a while, so the next call reuses the
   buffer: 13 faults a ResNet-20 call. On a 2-core Xeon against glibc with huge pages: a Python loop
   of one-step calls 1.25-1.29x and ResNet-20's chunk 1.02-1.16x faster, and the transfer
-  experiment, which compiles a lot, ~3% faster. `MIMALLOC_OPTIONS`, set by ./run.sh too, raise its
-  arenas' largest block from 2 to 16 GiB: ResNet-50's step at 224x224, batch 32 (a ~4.3 GB buffer)
-  faulted 2,156 huge pages in every call without (0.6 s of kernel time), none with, and ran 3-5%
-  faster.
+  experiment, which compiles a lot, ~3% faster. `MIMALLOC_OPTIONS`, set by ./run.sh too: its
+  arenas take blocks up to 16 GiB, not 2 (ResNet-50's step at 224x224, batch 32, a ~4.3 GB buffer,
+  faulted 2,156 huge pages in every call without, 0.6 s of kernel time; none with, 3-5% faster),
+  and it returns memory to the kernel once unused for 10 s, not a fraction of a second (the
+  transfer experiment's default preset: 3.4x fewer page faults, half the kernel time, ~6% faster).
 - glibc's malloc where mimalloc is not preloaded (an LD_PRELOAD the caller set wins: `LD_PRELOAD=
   ./run.sh ...`): `HUGE_PAGES`, set by ./run.sh too, 2 MB transparent huge pages for its mappings
   (glibc >= 2.35, the kernel in `madvise` mode): 50-200x fewer faults.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 HUGE_PAGES = {'glibc.malloc.hugetlb': '1'}
 MIMALLOC = 'libmimalloc.so'
-MIMALLOC_OPTIONS = {'MIMALLOC_ARENA_MAX_OBJECT_SIZE': '16GiB'}  # environment variables; the caller's values win
+MIMALLOC_OPTIONS = {'MIMALLOC_ARENA_MAX_OBJECT_SIZE': '16GiB',  # environment variables; the caller's values win
+                    'MIMALLOC_PURGE_DELAY': '10000'}
 ALLOCATORS = ('glibc defaults', 'glibc huge pages', 'mimalloc')  # the benchmark's settings; the last is cnnjax's
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
