@@ -70,9 +70,9 @@ def test_run_sh_preloads_the_venvs_mimalloc_unless_the_caller_set_ld_preload(tmp
   values = ' '.join(f'${{{name}-unset}}' for name in ['LD_PRELOAD', *host_memory.MIMALLOC_OPTIONS])
   printed = run_sh_block('preload_mimalloc() {', '}', f'VENV={tmp_path}; preload_mimalloc; printf %s "{values}"', env)
   count = len(host_memory.MIMALLOC_OPTIONS)
-  options = {'cnnjax': list(host_memory.MIMALLOC_OPTIONS.values()), 'caller': [options] * count,
-             'unset': ['unset'] * count}[expected_options]
-  assert printed == ' '.join([expected_preload.replace('VENV', str(tmp_path)), *options])
+  expected = {'cnnjax': list(host_memory.MIMALLOC_OPTIONS.values()), 'caller': [options] * count,
+              'unset': ['unset'] * count}[expected_options]
+  assert printed == ' '.join([expected_preload.replace('VENV', str(tmp_path)), *expected])
 
 
 def test_environment_puts_a_fresh_process_on_the_allocator_asked_for():
