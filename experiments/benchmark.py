@@ -3,8 +3,9 @@
 Every measurement times `repeats` repeats of `chunk_steps` training steps after a warm-up call
 (which compiles), blocking on the results; the variants of one comparison take turns within each
 repeat, so that a shared machine's slow drifts hit them alike, and each turn starts with
-`settle_calls` untimed calls, so that a variant does not pay for the memory the previous one left
-(on a 2-core Xeon, ResNet-50's first call after PyTorch's step took 1-2 s longer). The table shows
+`settle_calls` untimed calls, as steps of one training run follow each other (on a 2-core Xeon,
+ResNet-50's first call after PyTorch's step took 1-5 s longer, faulting in again the memory its
+allocator had handed back meanwhile: results/benchmark/NOTES.md). The table shows
 mean ± std over the repeats and provenance.json the medians. Speed targets live here and in the
 README, never in tests.
 Presets, command and table: experiments/configs/benchmark.py.
@@ -94,8 +95,8 @@ def time_repeats(timers, repeats, warmup=1, settle=0, profile_dir=''):
   """{label: seconds of each of `repeats` timed calls} for `timers` = {label: (call, state)}, each
   call `state = call(state)`, after `warmup` untimed calls each (the first compiles). The labels
   take turns within every repeat, so that a shared machine's slow drifts hit them alike; each turn
-  starts with `settle` untimed calls, so that the timed one does not pay for the memory the previous
-  label's program left behind (as steps of one training run do not). With `profile_dir`, one more
+  starts with `settle` untimed calls, so that the timed one does not pay for faulting in again
+  memory handed back while the previous label's program ran (as steps of one training run do not). With `profile_dir`, one more
   call of each is traced afterwards (`profile`) and its top events printed."""
   states = {}
   for label, (call, state) in timers.items():

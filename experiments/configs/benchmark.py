@@ -41,7 +41,7 @@ def get_config(preset=''):
   config.large_chunk_steps = 2          # ... for the larger models (compile time grows with k)
   config.repeats = 5                    # timed repeats per measurement (after one warm-up call)
   # Untimed calls of a program at the start of each of its turns: the first call after another
-  # program's pays for the memory that one left (ResNet-50 on a 2-core Xeon: 1-2 s more per call).
+  # program's faults in again the memory handed back meanwhile (ResNet-50 on a 2-core Xeon: 1-5 s).
   config.settle_calls = 1
   config.members = (1, 2, 5)
   config.member_modes = ('vmap', 'unroll', 'sequential', 'threads')
