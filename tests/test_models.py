@@ -18,6 +18,7 @@ from cnnjax.methods.classification import cross_entropy
 from cnnjax.methods.transfer import path_str, startswith_any
 from cnnjax.models.cifar_resnet import cifar_backbone
 from cnnjax.models.layers import BatchNorm, RunningStat, residual_relu
+from cnnjax.models.pooling import max_pool2
 from cnnjax.train import state as train_state, steps
 
 
@@ -195,6 +196,33 @@ def test_residual_relu_is_the_relu_of_the_sum_in_value_and_gradient():
   np.testing.assert_array_equal(residual_relu(y, shortcut), nnx.relu(y + shortcut))
   for a, b in zip(jax.grad(ours, (0, 1))(y, shortcut), jax.grad(plain, (0, 1))(y, shortcut)):
     np.testing.assert_array_equal(a, b)
+
+
+def window_max(x):
+  """2x2(x2)/2 max pooling as a max over reshaped windows: JAX's own derivative of it is the reference."""
+  b, *spatial, c = x.shape
+  x = x[(slice(None), *(slice(n // 2 * 2) for n in spatial))]
+  return x.reshape(b, *(s for n in spatial for s in (n // 2, 2)), c).max(axis=tuple(range(2, 2 * len(spatial) + 1, 2)))
+
+
+@pytest.mark.parametrize('shape', [(3, 7, 9, 4), (2, 4, 6, 5, 3)], ids=['2d_odd_sizes', '3d'])
+def test_max_pool2_is_a_window_max_in_value_and_derivatives(shape):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 3, size=shape).astype(np.float32))  # many windows with 2-8 tied maxima
+  x = x.at[0].set(1.0)  # every element of every window a maximum
+  pooled_shape = window_max(x).shape
+  cotangent, tangent = jnp.asarray(rng.normal(size=pooled_shape), jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
+  gradient = lambda pool: jax.grad(lambda x: jnp.vdot(pool(x), cotangent))
+  second_order = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(gradient(pool)(x) * x) ** 2))
+  for derivative in (lambda pool: pool, gradient, second_order, lambda pool: lambda x: jax.jvp(pool, (x,), (tangent,))[1]):
+    np.testing.assert_array_equal(jax.jit(derivative(max_pool2))(x), jax.jit(derivative(window_max))(x))
+
+
+def test_max_pool2_and_its_gradient_take_no_reductions_over_windows():
+  """XLA:CPU runs each reduction over a window's two axes as a slow pass of its own (cnnjax/models/pooling.py)."""
+  x = jnp.zeros((2, 8, 8, 3))
+  program = jax.make_jaxpr(jax.value_and_grad(lambda x: jnp.vdot(max_pool2(x), jnp.ones((2, 4, 4, 3)))))(x)
+  assert 'reduce_' not in str(program), program  # nested programs included
 
 
 def test_resnet_training_computes_each_block_output_once():

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnnjax.models.layers import BatchNorm, Conv
-from cnnjax.models.registry import Classifier, check_images, max_pool2, register
+from cnnjax.models.pooling import max_pool2
+from cnnjax.models.registry import Classifier, check_images, register
 
 
 class ConvStage(nnx.Module):

@@ -104,12 +104,6 @@ def check_images(x, channels, model):
     raise ValueError(f'{model} expects NHWC images with {channels} channel(s), got shape {x.shape}')
 
 
-def max_pool2(x):
-  """2x2/2 max pooling by reshape: its gradient is a select, not XLA:CPU's slow select-and-scatter."""
-  b, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
 def trainable_paths(model, part):
   """Parameter path prefixes that train under a transfer `part`.
 

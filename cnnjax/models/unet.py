@@ -22,14 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnnjax.models.layers import BatchNorm, Conv
+from cnnjax.models.pooling import max_pool2
 from cnnjax.models.registry import register
-
-
-def max_pool(x):
-  """2x2(x2)/2 max pooling by reshape over every spatial axis (a cheap gradient on CPU)."""
-  b, *spatial, c = x.shape
-  shape = [b] + [s for n in spatial for s in (n // 2, 2)] + [c]
-  return x.reshape(shape).max(axis=tuple(range(2, 2 * len(spatial) + 1, 2)))
 
 
 class DoubleConv(nnx.Module):
@@ -55,7 +49,7 @@ class Down(nnx.Module):
     self.pool, self.block = pool, DoubleConv(cin, mid, cout, nd, norm, rngs=rngs, dtype=dtype)
 
   def __call__(self, x):
-    return self.block(max_pool(x) if self.pool else x)
+    return self.block(max_pool2(x) if self.pool else x)
 
 
 class Encoder(nnx.Module):

@@ -14,7 +14,8 @@ from flax import nnx
 
 from cnnjax.models.alexnet import DenseStage
 from cnnjax.models.layers import BatchNorm, Conv
-from cnnjax.models.registry import Classifier, check_images, max_pool2, register
+from cnnjax.models.pooling import max_pool2
+from cnnjax.models.registry import Classifier, check_images, register
 
 # Table 1: the number of 3x3 convolutions in each of the five stages
 CONFIGS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
