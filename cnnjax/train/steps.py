@@ -74,8 +74,9 @@ def member_mode(mode):
   member's oneDNN convolutions (cnnjax/ops) on its share of the cores, so that the members' steps,
   XLA's single-threaded ops included, fill the cores (2 AVX-512 EPYC cores, digit CNN at batch
   128: 5 members on threads take 0.82-0.91 of the sequential time, vmapped 0.79-0.91, unrolled
-  0.89-0.99, and unrolling costs about M times the compile; 2 AVX-512 Xeon cores, which one
-  member's step already fills, medians: threads 1.04, unrolled 1.00, vmapped 1.11; 2 AVX2 cores,
+  0.89-0.99, and unrolling costs about M times the compile; 2 AVX-512 Xeon cores, medians:
+  threads 1.01, unrolled 0.81, vmapped 0.87, yet the transfer preset's cells, short runs of small
+  models, ran faster on threads than unrolled, 58-60 against 68-69 s in all; 2 AVX2 cores,
   with XLA's convolutions: threads 0.88, unrolled 0.90, vmapped 1.71, and there with huge pages,
   medians of two runs, threads 0.89-0.99, unrolled 0.94-0.98, vmapped 1.5-2.4); on several CPU
   devices, sequential calls (each program already spans every device)."""
