@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cnnjax.models.alexnet import max_pool3
 from cnnjax.models.layers import BatchNorm, Conv
 from cnnjax.models.registry import check_images, register
 
@@ -27,12 +28,6 @@ def cross_correlate(z, x):
     return jax.lax.conv_general_dilated(x[None], z[..., None], (1, 1), 'VALID',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))[0]
   return jax.vmap(one)(z, x)
-
-
-def max_pool3s2(x):
-  """3x3/2 max pooling without padding as the maximum of 9 strided slices (a cheap gradient on CPU)."""
-  h, w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
-  return jnp.stack([x[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2] for i in range(3) for j in range(3)]).max(axis=0)
 
 
 class Embedding(nnx.Module):
@@ -54,7 +49,7 @@ class Embedding(nnx.Module):
       if i < len(self.norms):
         x = nnx.relu(self.norms[i](x))
       if i < 2:
-        x = max_pool3s2(x)
+        x = max_pool3(x)
     return x
 
 
